@@ -1,0 +1,51 @@
+# courier — developer tasks. GNU make.
+#
+#   make run              build, then run the local pipeline (scripts/run-local.sh)
+#   make test             run the test suite (needs RabbitMQ on 127.0.0.1:5672)
+#   make check            rustfmt and clippy, warnings are errors (alias: lint)
+#   make ensure-rabbitmq  install/start RabbitMQ on 127.0.0.1:5672 if needed
+#   make bench            benchmarks (not yet)
+#   make clean            remove build output
+
+SHELL := /bin/bash
+CARGO ?= cargo
+TEST_THREADS ?= 4
+
+.PHONY: all help run build test bench check lint fmt clippy ensure-rabbitmq clean
+
+all: check test
+
+help:
+	@sed -n 's/^#   //p' $(firstword $(MAKEFILE_LIST))
+
+ensure-rabbitmq:
+	@bash scripts/ensure-rabbitmq.sh
+
+build:
+	$(CARGO) build --release
+
+run: ensure-rabbitmq build
+	@bash scripts/run-local.sh
+
+test: ensure-rabbitmq
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		echo "+ $(CARGO) nextest run --no-fail-fast --test-threads $(TEST_THREADS)"; \
+		$(CARGO) nextest run --no-fail-fast --test-threads $(TEST_THREADS); \
+	else \
+		echo "+ $(CARGO) test --no-fail-fast -- --test-threads $(TEST_THREADS)"; \
+		$(CARGO) test --no-fail-fast -- --test-threads $(TEST_THREADS); \
+	fi
+
+bench:
+	@echo "make bench arrives with the performance issue"
+
+check lint: fmt clippy
+
+fmt:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,178 @@
+//! Everything that talks AMQP: connecting (with the server version check), the topology
+//! of CONTRACT §4, and confirmed publishing.
+
+pub mod publish;
+pub mod topology;
+
+use std::time::Duration;
+
+use lapin::{Connection, ConnectionProperties};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::config::BrokerUrl;
+
+pub use publish::{Publisher, history_free_headers};
+pub use topology::declare;
+
+/// The oldest RabbitMQ courier runs against (quorum delivery limits, at-least-once
+/// dead-lettering).
+pub const MIN_VERSION: (u32, u32) = (3, 10);
+
+/// A broker error.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// No node of `broker.url` answered.
+    #[error("cannot connect to the broker ({nodes}): {last}")]
+    Connect { nodes: String, last: String },
+    /// The server is older than [`MIN_VERSION`].
+    #[error("RabbitMQ {version} at {node} is too old: courier needs 3.10 or newer")]
+    TooOld { node: String, version: String },
+    /// A queue exists with arguments other than courier's.
+    #[error(
+        "queue {queue} already exists with a different {argument}; the broker cannot change queue \
+         arguments in place (see docs/operations.md, \"Migrating a queue\"): {detail}"
+    )]
+    QueueMismatch { queue: String, argument: String, detail: String },
+    /// Any other AMQP failure.
+    #[error("{context}: {source}")]
+    Amqp {
+        context: String,
+        #[source]
+        source: lapin::Error,
+    },
+}
+
+impl BrokerError {
+    /// Wraps a lapin error with what was being done.
+    pub fn amqp(context: impl Into<String>) -> impl FnOnce(lapin::Error) -> Self {
+        let context = context.into();
+        move |source| BrokerError::Amqp { context, source }
+    }
+
+    /// Errors that no retry can fix: exit instead of reconnecting.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, BrokerError::TooOld { .. } | BrokerError::QueueMismatch { .. })
+    }
+}
+
+/// Connects to the first node that answers, after checking its version. `name` shows in
+/// `rabbitmqctl list_connections`.
+pub async fn connect(urls: &[BrokerUrl], name: &str) -> Result<Connection, BrokerError> {
+    let mut last = String::from("no broker URL");
+    for url in urls {
+        match connect_one(url, name).await {
+            Ok(conn) => return Ok(conn),
+            Err(e) if e.is_fatal() => return Err(e),
+            Err(e) => {
+                tracing::warn!(node = %url.display, error = %e, "broker node did not answer");
+                last = e.to_string();
+            }
+        }
+    }
+    let nodes = urls.iter().map(|u| u.display.as_str()).collect::<Vec<_>>().join(", ");
+    Err(BrokerError::Connect { nodes, last })
+}
+
+async fn connect_one(url: &BrokerUrl, name: &str) -> Result<Connection, BrokerError> {
+    if let Some(version) = probe_version(url).await? {
+        tracing::debug!(node = %url.display, %version, "broker version");
+    }
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    let conn = tokio::time::timeout(Duration::from_secs(15), Connection::connect(url.expose(), props))
+        .await
+        .map_err(|_| BrokerError::Connect { nodes: url.display.clone(), last: "timed out".into() })?
+        .map_err(|e| BrokerError::Connect { nodes: url.display.clone(), last: e.to_string() })?;
+    Ok(conn)
+}
+
+/// Reads the server version from the broker's `connection.start` on a short plain-TCP
+/// probe (lapin does not expose the server properties). `amqps` nodes are not probed.
+async fn probe_version(url: &BrokerUrl) -> Result<Option<String>, BrokerError> {
+    let parsed = url::Url::parse(url.expose()).expect("checked when the config was loaded");
+    if parsed.scheme() != "amqp" {
+        return Ok(None);
+    }
+    let host = parsed.host_str().unwrap_or("127.0.0.1").trim_matches(['[', ']']).to_owned();
+    let port = parsed.port().unwrap_or(5672);
+    let unreachable =
+        |e: String| BrokerError::Connect { nodes: url.display.clone(), last: e };
+    let read = async {
+        let mut stream = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+        stream.write_all(b"AMQP\x00\x00\x09\x01").await?;
+        let mut buf = Vec::with_capacity(1024);
+        loop {
+            let mut chunk = [0u8; 1024];
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(std::io::Error::other("the broker closed the connection"));
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(version) = server_version(&buf)? {
+                return Ok(version);
+            }
+        }
+    };
+    let version = tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .map_err(|_| unreachable("timed out reading the server greeting".into()))?
+        .map_err(|e| unreachable(e.to_string()))?;
+    if !version_at_least(&version, MIN_VERSION) {
+        return Err(BrokerError::TooOld { node: url.display.clone(), version });
+    }
+    Ok(Some(version))
+}
+
+/// The `version` server property of a complete `connection.start` frame in `buf`;
+/// `Ok(None)` while more bytes are needed.
+fn server_version(buf: &[u8]) -> std::io::Result<Option<String>> {
+    use amq_protocol::frame::{AMQPFrame, parse_frame};
+    use amq_protocol::protocol::{AMQPClass, connection::AMQPMethod};
+    use amq_protocol::types::AMQPValue;
+
+    if buf.len() < 7 {
+        return Ok(None);
+    }
+    let size = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]) as usize;
+    if buf.len() < 7 + size + 1 {
+        return Ok(None);
+    }
+    let frame = parse_frame(&buf[..7 + size + 1])
+        .map_err(|_| std::io::Error::other("not an AMQP 0-9-1 broker"))?
+        .1;
+    let AMQPFrame::Method(_, AMQPClass::Connection(AMQPMethod::Start(start))) = frame else {
+        return Err(std::io::Error::other("unexpected first frame from the broker"));
+    };
+    let version = match start.server_properties.inner().get("version") {
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        Some(AMQPValue::ShortString(s)) => s.as_str().to_owned(),
+        _ => String::from("unknown"),
+    };
+    Ok(Some(version))
+}
+
+/// Compares a dotted version with `(major, minor)`; an unparsable version passes
+/// (the topology declaration then fails loudly on a broker that lacks a feature).
+fn version_at_least(version: &str, min: (u32, u32)) -> bool {
+    let mut parts = version.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty());
+    let major = parts.next().and_then(|p| p.parse::<u32>().ok());
+    let minor = parts.next().and_then(|p| p.parse::<u32>().ok()).unwrap_or(0);
+    match major {
+        Some(major) => (major, minor) >= min,
+        None => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_comparison() {
+        assert!(version_at_least("3.10.8", MIN_VERSION));
+        assert!(version_at_least("3.13.0", MIN_VERSION));
+        assert!(version_at_least("4.0.1", MIN_VERSION));
+        assert!(!version_at_least("3.9.29", MIN_VERSION));
+        assert!(!version_at_least("3.8", MIN_VERSION));
+        assert!(version_at_least("unknown", MIN_VERSION));
+    }
+}

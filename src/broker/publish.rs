@@ -1,0 +1,156 @@
+//! Confirmed publishing on a connection of its own (a blocked publisher must not stall
+//! the consumer's acks). Every publish is `mandatory` and awaits its confirm; a returned
+//! or nacked message is a failure.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use tokio::sync::Mutex;
+
+use super::{BrokerError, connect};
+use crate::config::BrokerUrl;
+
+/// Why a publish did not land.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("the broker returned the message as unroutable: {0}")]
+    Returned(String),
+    #[error("the broker refused the message (nack)")]
+    Nacked,
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// A publisher-confirmed channel that reconnects on demand.
+pub struct Publisher {
+    urls: Vec<BrokerUrl>,
+    name: String,
+    state: Mutex<Option<(Connection, Channel)>>,
+}
+
+impl Publisher {
+    /// Opens the publishing connection now, so a broken broker shows at start-up.
+    pub async fn connect(urls: &[BrokerUrl], name: &str) -> Result<Self, BrokerError> {
+        let publisher = Self { urls: urls.to_vec(), name: name.to_owned(), state: Mutex::new(None) };
+        publisher.channel().await?;
+        Ok(publisher)
+    }
+
+    async fn channel(&self) -> Result<Channel, BrokerError> {
+        let mut state = self.state.lock().await;
+        if let Some((conn, channel)) = state.as_ref()
+            && conn.status().connected()
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
+        }
+        if let Some((conn, _)) = state.take() {
+            let _ = conn.close(200, "reconnecting".into()).await;
+        }
+        let conn = connect(&self.urls, &self.name).await?;
+        let channel = conn.create_channel().await.map_err(BrokerError::amqp("opening the publish channel"))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(BrokerError::amqp("enabling publisher confirms"))?;
+        *state = Some((conn, channel.clone()));
+        Ok(channel)
+    }
+
+    /// Publishes once and waits for the broker's confirm.
+    async fn publish_once(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let channel = self.channel().await?;
+        let confirm = channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions { mandatory: true, ..Default::default() },
+                body,
+                properties,
+            )
+            .await
+            .map_err(BrokerError::amqp("publishing"))?
+            .await
+            .map_err(BrokerError::amqp("waiting for a publisher confirm"))?;
+        match confirm {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+                Err(PublishError::Returned(returned.reply_text.to_string()))
+            }
+            Confirmation::Nack(None) => Err(PublishError::Nacked),
+            Confirmation::NotRequested => unreachable!("confirm_select is always enabled"),
+        }
+    }
+
+    /// Publishes with confirm, reconnecting and retrying a few times on a broken
+    /// connection. An `Err` means the message may not be stored: the caller must not ack
+    /// its original.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let mut delay = Duration::from_millis(100);
+        let mut attempt = 1;
+        loop {
+            match self.publish_once(exchange, routing_key, body, properties.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(PublishError::Broker(e)) if attempt < 4 && !e.is_fatal() => {
+                    tracing::warn!(error = %e, attempt, "publish failed; reconnecting");
+                    tokio::time::sleep(delay).await;
+                    delay *= 4;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Closes the connection.
+    pub async fn close(&self) {
+        if let Some((conn, _)) = self.state.lock().await.take() {
+            let _ = conn.close(200, "shutting down".into()).await;
+        }
+    }
+}
+
+/// A message's headers without the broker's history (`x-death`, `x-first-death-*`,
+/// `x-last-death-*`, `x-delivery-count`), so stale history cannot trip the broker's
+/// dead-letter cycle detection.
+pub fn history_free_headers(headers: Option<&FieldTable>) -> BTreeMap<ShortString, AMQPValue> {
+    let mut map = headers.map(|h| h.inner().clone()).unwrap_or_default();
+    map.retain(|k, _| {
+        let k = k.as_str();
+        k != "x-death"
+            && k != "x-delivery-count"
+            && !k.starts_with("x-first-death-")
+            && !k.starts_with("x-last-death-")
+    });
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_headers_are_dropped() {
+        let mut t = FieldTable::default();
+        for k in ["x-death", "x-first-death-queue", "x-last-death-reason", "x-delivery-count", "x-courier-retries", "trace"] {
+            t.insert(k.into(), AMQPValue::Boolean(true));
+        }
+        let kept: Vec<String> = history_free_headers(Some(&t)).keys().map(|k| k.to_string()).collect();
+        assert_eq!(kept, vec!["trace", "x-courier-retries"]);
+    }
+}

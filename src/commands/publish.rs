@@ -1,0 +1,142 @@
+//! `courier publish`: NDJSON events in file order, publisher-confirmed, routing key
+//! `<account>.<type>`. Every line is validated first; an invalid line stops the whole
+//! file unless `--skip-invalid`.
+
+use std::collections::VecDeque;
+use std::io::BufRead;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Confirmation};
+
+use crate::broker::{self, BrokerError};
+use crate::config::Settings;
+use crate::event;
+
+/// Confirms awaited at once: enough to keep the broker busy, bounded in memory.
+const CONFIRM_WINDOW: usize = 512;
+
+/// A publish failure.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("cannot read the input: {0}")]
+    Read(#[from] std::io::Error),
+    #[error("{count} invalid line(s), nothing published:\n{report}")]
+    Invalid { count: usize, report: String },
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("the broker did not take event on line {line}: {reason}")]
+    NotConfirmed { line: usize, reason: String },
+}
+
+/// What a publish run did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub published: usize,
+    pub skipped: usize,
+    /// `line N: reason` for each skipped line.
+    pub report: Vec<String>,
+}
+
+struct Line {
+    number: usize,
+    routing_key: String,
+    body: Vec<u8>,
+}
+
+/// Reads and validates every line.
+fn read_lines(input: impl BufRead, max_bytes: usize) -> Result<(Vec<Line>, Vec<String>), std::io::Error> {
+    let mut lines = Vec::new();
+    let mut invalid = Vec::new();
+    for (index, line) in input.split(b'\n').enumerate() {
+        let mut body = line?;
+        if body.last() == Some(&b'\r') {
+            body.pop();
+        }
+        if body.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let number = index + 1;
+        match event::parse(&body, max_bytes) {
+            Ok(e) => {
+                let routing_key = format!("{}.{}", e.account, e.kind);
+                lines.push(Line { number, routing_key, body });
+            }
+            Err(reason) => invalid.push(format!("line {number}: {reason}")),
+        }
+    }
+    Ok((lines, invalid))
+}
+
+/// Publishes `input` to the configured exchange.
+pub async fn publish(settings: &Settings, input: impl BufRead, skip_invalid: bool) -> Result<Summary, PublishError> {
+    let (lines, invalid) = read_lines(input, settings.broker.max_event_bytes)?;
+    if !invalid.is_empty() && !skip_invalid {
+        return Err(PublishError::Invalid { count: invalid.len(), report: invalid.join("\n") });
+    }
+    let conn = broker::connect(&settings.broker.urls, "courier-publish-cli").await?;
+    let channel = conn.create_channel().await.map_err(BrokerError::amqp("opening a channel"))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(BrokerError::amqp("enabling publisher confirms"))?;
+    let properties = BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
+    let mut pending = VecDeque::with_capacity(CONFIRM_WINDOW);
+    let mut published = 0;
+    for line in &lines {
+        let confirm = channel
+            .basic_publish(
+                settings.broker.exchange.as_str().into(),
+                line.routing_key.as_str().into(),
+                BasicPublishOptions { mandatory: true, ..Default::default() },
+                &line.body,
+                properties.clone(),
+            )
+            .await
+            .map_err(BrokerError::amqp("publishing"))?;
+        pending.push_back((line.number, confirm));
+        if pending.len() >= CONFIRM_WINDOW {
+            let (number, confirm) = pending.pop_front().expect("not empty");
+            published += confirmed(number, confirm.await)?;
+        }
+    }
+    while let Some((number, confirm)) = pending.pop_front() {
+        published += confirmed(number, confirm.await)?;
+    }
+    let _ = conn.close(200, "done".into()).await;
+    Ok(Summary { published, skipped: invalid.len(), report: invalid })
+}
+
+fn confirmed(line: usize, result: lapin::Result<Confirmation>) -> Result<usize, PublishError> {
+    match result.map_err(BrokerError::amqp("waiting for a publisher confirm"))? {
+        Confirmation::Ack(None) => Ok(1),
+        Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => Err(PublishError::NotConfirmed {
+            line,
+            reason: format!("returned ({}); is the topology declared? run `courier setup`", returned.reply_text),
+        }),
+        Confirmation::Nack(None) => Err(PublishError::NotConfirmed { line, reason: "nacked".into() }),
+        Confirmation::NotRequested => unreachable!("confirm_select is enabled"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_lines_are_reported_by_number() {
+        let input = concat!(
+            r#"{"id":"1","account":"a","type":"company","action":"created","record_id":"r","record":{}}"#,
+            "\n\nnot json\n",
+            r#"{"id":"2","account":"a","type":"contact","action":"updated","record_id":"r","record":{}}"#,
+            "\r\n",
+            r#"{"id":"3","account":"a","type":"company","action":"deleted","record_id":"r","record":{}}"#,
+        );
+        let (lines, invalid) = read_lines(input.as_bytes(), 1 << 20).unwrap();
+        assert_eq!(lines.iter().map(|l| l.number).collect::<Vec<_>>(), vec![1, 4]);
+        assert_eq!(lines[1].routing_key, "a.contact");
+        assert!(!lines[1].body.ends_with(b"\r"));
+        assert_eq!(invalid.len(), 2);
+        assert!(invalid[0].starts_with("line 3: "), "{invalid:?}");
+        assert!(invalid[1].starts_with("line 5: ") && invalid[1].contains("action"), "{invalid:?}");
+    }
+}

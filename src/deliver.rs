@@ -1,0 +1,265 @@
+//! One HTTP attempt and its [`Outcome`]: the shared client, the request courier sends
+//! (CONTRACT §2), and the classification of what came back.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use reqwest::StatusCode;
+use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER, USER_AGENT};
+use url::Url;
+
+use crate::config::{Account, DeliverySettings};
+use crate::guard;
+
+/// What one request came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Any 2xx: the events are delivered.
+    Delivered { status: u16 },
+    /// 400, 413, 422: the receiver rejects the content.
+    Rejected { status: u16 },
+    /// Anything else: try again later.
+    Retryable {
+        /// The HTTP status, if a response came back at all.
+        status: Option<u16>,
+        /// Why, safe to log and to store in `x-courier-last-error`.
+        error: String,
+        /// From `Retry-After` on 429 or 503.
+        retry_after: Option<Duration>,
+    },
+}
+
+/// How a status is handled:
+///
+/// | status                                   | outcome     |
+/// |------------------------------------------|-------------|
+/// | 2xx                                      | `Delivered` |
+/// | 400, 413, 422                            | `Rejected`  |
+/// | 3xx (never followed), 401, 403, 404, 408, 429, other 4xx, 5xx | `Retryable` |
+pub fn classify(status: StatusCode, retry_after: Option<Duration>) -> Outcome {
+    let code = status.as_u16();
+    if status.is_success() {
+        Outcome::Delivered { status: code }
+    } else if matches!(code, 400 | 413 | 422) {
+        Outcome::Rejected { status: code }
+    } else {
+        let retry_after = if matches!(code, 429 | 503) { retry_after } else { None };
+        Outcome::Retryable { status: Some(code), error: format!("HTTP {status}"), retry_after }
+    }
+}
+
+/// Parses `Retry-After`: delay-seconds or an HTTP date (a date in the past is zero).
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// The request body of a batch: the event itself for `batch_size = 1`, else a JSON
+/// array of the events as published, joined without whitespace.
+pub fn encode_body<'a>(batch_size: usize, events: impl ExactSizeIterator<Item = &'a [u8]> + Clone) -> Bytes {
+    let n = events.len();
+    if batch_size == 1 && n == 1 {
+        return Bytes::copy_from_slice(events.clone().next().expect("one event"));
+    }
+    let total: usize = events.clone().map(<[u8]>::len).sum::<usize>() + n + 1;
+    let mut body = Vec::with_capacity(total.max(2));
+    body.push(b'[');
+    for (i, event) in events.enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(event);
+    }
+    body.push(b']');
+    Bytes::from(body)
+}
+
+/// One request to send.
+pub struct Request<'a> {
+    pub account: &'a Account,
+    pub url: &'a Url,
+    pub body: Bytes,
+    /// The signature header's value, if the account signs.
+    pub signature: Option<&'a str>,
+    pub delivery_id: &'a str,
+    pub attempt: u32,
+    pub event_count: usize,
+}
+
+/// The shared, pooled HTTP client: rustls, no redirects, no proxy from the environment.
+#[derive(Clone)]
+pub struct Sender {
+    client: reqwest::Client,
+    allow_private_networks: bool,
+}
+
+static AGENT: &str = concat!("courier/", env!("CARGO_PKG_VERSION"));
+
+impl Sender {
+    /// Builds the client for these settings.
+    pub fn new(settings: &DeliverySettings) -> Result<Self, reqwest::Error> {
+        let mut builder = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .timeout(settings.timeout)
+            .connect_timeout(settings.timeout.min(Duration::from_secs(5)))
+            .pool_max_idle_per_host(settings.max_inflight_per_destination)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true);
+        if !settings.allow_private_networks {
+            builder = builder.dns_resolver(std::sync::Arc::new(guard::GuardedResolver));
+        }
+        Ok(Self { client: builder.build()?, allow_private_networks: settings.allow_private_networks })
+    }
+
+    /// Sends one request and classifies what came back.
+    pub async fn send(&self, req: Request<'_>) -> Outcome {
+        if !self.allow_private_networks
+            && let Some(refused) = refuse_literal(req.url)
+        {
+            return Outcome::Retryable { status: None, error: refused, retry_after: None };
+        }
+        let mut builder = self
+            .client
+            .post(req.url.clone())
+            .headers(req.account.headers.clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header(USER_AGENT, HeaderValue::from_static(AGENT))
+            .header("x-courier-delivery-id", req.delivery_id)
+            .header("x-courier-attempt", req.attempt)
+            .header("x-courier-event-count", req.event_count);
+        if let Some(signature) = req.signature {
+            builder = builder.header(&req.account.signature_header, signature);
+        }
+        match builder.body(req.body).send().await {
+            Ok(response) => {
+                let retry_after = response
+                    .headers()
+                    .get(RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| parse_retry_after(v, SystemTime::now()));
+                let status = response.status();
+                // Drain a small body so the connection returns to the pool.
+                let _ = tokio::time::timeout(Duration::from_secs(1), response.bytes()).await;
+                classify(status, retry_after)
+            }
+            Err(error) => Outcome::Retryable { status: None, error: describe(&error), retry_after: None },
+        }
+    }
+}
+
+/// Refuses an IP-literal host that the guard does not allow.
+fn refuse_literal(url: &Url) -> Option<String> {
+    let ip: std::net::IpAddr = match url.host()? {
+        url::Host::Ipv4(ip) => ip.into(),
+        url::Host::Ipv6(ip) => ip.into(),
+        url::Host::Domain(_) => return None,
+    };
+    let why = guard::refusal(ip)?;
+    Some(guard::refused_message(&crate::config::redact_url(url), ip, why))
+}
+
+/// A transport error's text without its URL (paths and queries may carry tokens),
+/// with the innermost cause.
+fn describe(error: &reqwest::Error) -> String {
+    if error.is_timeout() {
+        return "timed out".into();
+    }
+    let kind = if error.is_connect() {
+        "connection failed"
+    } else if error.is_request() || error.is_body() {
+        "request failed"
+    } else {
+        "transport error"
+    };
+    let mut cause: &dyn std::error::Error = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    let text = cause.to_string();
+    // reqwest's own top-level text names the URL; the innermost cause does not.
+    if std::ptr::addr_eq(cause, error as &dyn std::error::Error) {
+        kind.to_owned()
+    } else {
+        format!("{kind}: {text}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification_table() {
+        let cases = [
+            (200, "delivered"),
+            (204, "delivered"),
+            (299, "delivered"),
+            (400, "rejected"),
+            (413, "rejected"),
+            (422, "rejected"),
+            (301, "retryable"),
+            (302, "retryable"),
+            (401, "retryable"),
+            (403, "retryable"),
+            (404, "retryable"),
+            (408, "retryable"),
+            (409, "retryable"),
+            (429, "retryable"),
+            (500, "retryable"),
+            (503, "retryable"),
+        ];
+        for (code, expected) in cases {
+            let got = match classify(StatusCode::from_u16(code).unwrap(), None) {
+                Outcome::Delivered { .. } => "delivered",
+                Outcome::Rejected { .. } => "rejected",
+                Outcome::Retryable { .. } => "retryable",
+            };
+            assert_eq!(got, expected, "status {code}");
+        }
+    }
+
+    #[test]
+    fn retry_after_only_on_429_and_503() {
+        let two = Some(Duration::from_secs(2));
+        for (code, expected) in [(429, two), (503, two), (500, None), (502, None)] {
+            let Outcome::Retryable { retry_after, .. } = classify(StatusCode::from_u16(code).unwrap(), two) else {
+                panic!("retryable");
+            };
+            assert_eq!(retry_after, expected, "status {code}");
+        }
+    }
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let now = httpdate::parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+        assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:49:39 GMT", now), Some(Duration::from_secs(2)));
+        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:49:30 GMT", now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn bodies_are_the_events_byte_for_byte() {
+        let a: &[u8] = br#"{"id":"a","n":1.0e3}"#;
+        let b: &[u8] = b"{\"id\":\"b\\u00e9\"}";
+        assert_eq!(&encode_body(1, [a].into_iter())[..], a);
+        assert_eq!(&encode_body(5, [a].into_iter())[..], [b"[", a, b"]"].concat());
+        assert_eq!(&encode_body(5, [a, b].into_iter())[..], [b"[", a, b",", b, b"]"].concat());
+    }
+
+    #[test]
+    fn literal_hosts_are_guarded() {
+        for url in ["http://127.0.0.1/x", "http://2130706433/", "http://[::ffff:127.0.0.1]/", "http://[::1]:8080/"] {
+            let refused = refuse_literal(&Url::parse(url).unwrap());
+            assert!(refused.is_some(), "{url}");
+            assert!(!refused.unwrap().contains("/x"), "paths never appear");
+        }
+        assert!(refuse_literal(&Url::parse("http://8.8.8.8/").unwrap()).is_none());
+        assert!(refuse_literal(&Url::parse("http://example.com/").unwrap()).is_none());
+    }
+}

@@ -1,0 +1,309 @@
+//! The inbound event (CONTRACT §1): parse and validate a message body without building a
+//! JSON tree and without re-encoding it.
+//!
+//! Strings borrow from the body when they hold no escapes and fall back to owned copies
+//! when they do. The body itself is never changed: what was published is what a
+//! receiver gets.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use chrono::{DateTime, FixedOffset};
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+
+/// The record type of an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RecordType {
+    Company,
+    Contact,
+}
+
+impl RecordType {
+    /// The label used in routing keys and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordType::Company => "company",
+            RecordType::Contact => "contact",
+        }
+    }
+
+    /// Parses `company` or `contact`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "company" => Some(RecordType::Company),
+            "contact" => Some(RecordType::Contact),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for RecordType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A validated event's routing facts, borrowing from the body where it can.
+#[derive(Debug)]
+pub struct Event<'a> {
+    pub id: Cow<'a, str>,
+    pub account: Cow<'a, str>,
+    pub kind: RecordType,
+    pub record_id: Cow<'a, str>,
+    pub occurred_at: Option<DateTime<FixedOffset>>,
+}
+
+/// Why an event is invalid; becomes `x-courier-last-error` on its dead letter.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidEvent(pub String);
+
+/// `[A-Za-z0-9_.-]{1,64}`.
+pub fn valid_account(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// Parses and validates one event body of at most `max_bytes` bytes.
+pub fn parse(body: &[u8], max_bytes: usize) -> Result<Event<'_>, InvalidEvent> {
+    if body.len() > max_bytes {
+        return Err(InvalidEvent(format!(
+            "the event is {} bytes, over broker.max_event_bytes ({max_bytes})",
+            body.len()
+        )));
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let raw = de.deserialize_map(RawVisitor).map_err(|e| InvalidEvent(e.to_string()))?;
+    de.end().map_err(|e| InvalidEvent(e.to_string()))?;
+    raw.validate()
+}
+
+#[derive(Default)]
+struct Raw<'a> {
+    id: Option<Cow<'a, str>>,
+    account: Option<Cow<'a, str>>,
+    kind: Option<Cow<'a, str>>,
+    action: Option<Cow<'a, str>>,
+    record_id: Option<Cow<'a, str>>,
+    occurred_at: Option<Cow<'a, str>>,
+    record: bool,
+}
+
+impl<'a> Raw<'a> {
+    fn validate(self) -> Result<Event<'a>, InvalidEvent> {
+        let missing = |field: &str| InvalidEvent(format!("missing field `{field}`"));
+        let id = self.id.ok_or_else(|| missing("id"))?;
+        check_len("id", &id, 128)?;
+        let account = self.account.ok_or_else(|| missing("account"))?;
+        if !valid_account(&account) {
+            return Err(InvalidEvent("`account` must match [A-Za-z0-9_.-]{1,64}".into()));
+        }
+        let kind = self.kind.ok_or_else(|| missing("type"))?;
+        let kind = RecordType::parse(&kind)
+            .ok_or_else(|| InvalidEvent("`type` must be \"company\" or \"contact\"".into()))?;
+        let action = self.action.ok_or_else(|| missing("action"))?;
+        if !matches!(action.as_ref(), "created" | "updated") {
+            return Err(InvalidEvent("`action` must be \"created\" or \"updated\"".into()));
+        }
+        let record_id = self.record_id.ok_or_else(|| missing("record_id"))?;
+        check_len("record_id", &record_id, 128)?;
+        if !self.record {
+            return Err(missing("record"));
+        }
+        let occurred_at = match self.occurred_at {
+            None => None,
+            Some(raw) => Some(
+                DateTime::parse_from_rfc3339(&raw)
+                    .map_err(|_| InvalidEvent("`occurred_at` is not an RFC 3339 timestamp".into()))?,
+            ),
+        };
+        Ok(Event { id, account, kind, record_id, occurred_at })
+    }
+}
+
+fn check_len(field: &str, value: &str, max: usize) -> Result<(), InvalidEvent> {
+    let chars = value.chars().count();
+    if chars == 0 || chars > max {
+        return Err(InvalidEvent(format!("`{field}` must be 1 to {max} characters, not {chars}")));
+    }
+    Ok(())
+}
+
+/// A string that borrows from the input when it can.
+struct CowStr<'a>(Cow<'a, str>);
+
+impl<'de> de::Deserialize<'de> for CowStr<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = CowStr<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(CowStr(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(CowStr(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(CowStr(Cow::Owned(v)))
+            }
+        }
+        deserializer.deserialize_str(V)
+    }
+}
+
+/// Accepts any JSON object and skips its contents.
+struct AnyObject;
+
+impl<'de> de::Deserialize<'de> for AnyObject {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = AnyObject;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(AnyObject)
+            }
+        }
+        deserializer.deserialize_map(V)
+    }
+}
+
+struct RawVisitor;
+
+impl<'de> Visitor<'de> for RawVisitor {
+    type Value = Raw<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut raw = Raw::default();
+        // Top-level objects are small: a linear scan beats hashing here.
+        let mut seen: Vec<Cow<'de, str>> = Vec::with_capacity(12);
+        while let Some(CowStr(key)) = map.next_key::<CowStr<'de>>()? {
+            if seen.contains(&key) {
+                return Err(de::Error::custom(format_args!("duplicate field `{key}`")));
+            }
+            let slot = match key.as_ref() {
+                "id" => Some(&mut raw.id),
+                "account" => Some(&mut raw.account),
+                "type" => Some(&mut raw.kind),
+                "action" => Some(&mut raw.action),
+                "record_id" => Some(&mut raw.record_id),
+                "occurred_at" => Some(&mut raw.occurred_at),
+                _ => None,
+            };
+            match slot {
+                Some(slot) => {
+                    let value = map.next_value::<CowStr<'de>>().map_err(|e| {
+                        de::Error::custom(format_args!("field `{key}`: {e}"))
+                    })?;
+                    *slot = Some(value.0);
+                }
+                None if key == "record" => {
+                    map.next_value::<AnyObject>()
+                        .map_err(|e| de::Error::custom(format_args!("field `record`: {e}")))?;
+                    raw.record = true;
+                }
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            seen.push(key);
+        }
+        Ok(raw)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{"id":"e1","account":"acme","type":"company","action":"created","record_id":"r1","occurred_at":"2026-01-02T03:04:05+02:00","record":{"name":"Acme"},"extra":[1,2]}"#;
+
+    fn reason(body: &str) -> String {
+        parse(body.as_bytes(), 1 << 20).expect_err("should be invalid").0
+    }
+
+    #[test]
+    fn a_good_event_borrows_its_strings() {
+        let e = parse(GOOD.as_bytes(), 1 << 20).unwrap();
+        assert!(matches!(e.id, Cow::Borrowed("e1")));
+        assert_eq!(e.account, "acme");
+        assert_eq!(e.kind, RecordType::Company);
+        assert_eq!(e.record_id, "r1");
+        assert!(e.occurred_at.is_some());
+    }
+
+    #[test]
+    fn escaped_strings_fall_back_to_owned() {
+        let body = r#"{"id":"e\u00e9\n\"","account":"acme","type":"cont\u0061ct","action":"updated","record_id":"r","record":{}}"#;
+        let e = parse(body.as_bytes(), 1 << 20).unwrap();
+        assert_eq!(e.id, "eé\n\"");
+        assert_eq!(e.kind, RecordType::Contact);
+    }
+
+    #[test]
+    fn lengths_count_characters() {
+        let id: String = "é".repeat(128);
+        let body = GOOD.replace("\"e1\"", &format!("\"{id}\""));
+        assert!(parse(body.as_bytes(), 1 << 20).is_ok(), "128 two-byte characters are allowed");
+        let body = GOOD.replace("\"e1\"", &format!("\"{id}x\""));
+        assert!(reason(&body).contains("`id`"));
+    }
+
+    #[test]
+    fn each_rule_is_enforced() {
+        let cases = [
+            ("not json", "expected"),
+            ("[1,2]", "object"),
+            ("{}", "missing field `id`"),
+            (&GOOD.replace("\"acme\"", "\"ac me\""), "`account`"),
+            (&GOOD.replace("\"company\"", "\"person\""), "`type`"),
+            (&GOOD.replace("\"created\"", "\"deleted\""), "`action`"),
+            (&GOOD.replace("\"r1\"", "\"\""), "`record_id`"),
+            (&GOOD.replace("2026-01-02T03:04:05+02:00", "yesterday"), "occurred_at"),
+            (&GOOD.replace("{\"name\":\"Acme\"}", "[1]"), "record"),
+            (&GOOD.replace(",\"record\":{\"name\":\"Acme\"}", ""), "missing field `record`"),
+            (&GOOD.replace("\"id\":\"e1\"", "\"id\":7"), "field `id`"),
+            (&GOOD.replace("\"extra\"", "\"id\""), "duplicate field `id`"),
+            (&GOOD.replace("\"extra\"", "\"record\""), "duplicate field `record`"),
+            (&format!("{GOOD} {{}}"), "trailing"),
+        ];
+        for (body, expected) in cases {
+            let got = reason(body);
+            assert!(got.contains(expected), "{body}: {got:?} lacks {expected:?}");
+        }
+    }
+
+    #[test]
+    fn escaped_duplicate_keys_are_caught() {
+        let body = GOOD.replace("\"extra\"", "\"\\u0069d\"");
+        assert!(reason(&body).contains("duplicate field `id`"));
+    }
+
+    #[test]
+    fn size_limit_applies() {
+        assert!(parse(GOOD.as_bytes(), GOOD.len()).is_ok());
+        assert!(reason_with_limit(GOOD, GOOD.len() - 1).contains("max_event_bytes"));
+    }
+
+    fn reason_with_limit(body: &str, limit: usize) -> String {
+        parse(body.as_bytes(), limit).unwrap_err().0
+    }
+
+    #[test]
+    fn account_pattern() {
+        assert!(valid_account("a.b_c-9"));
+        assert!(!valid_account(""));
+        assert!(!valid_account(&"a".repeat(65)));
+        assert!(!valid_account("é"));
+    }
+}

@@ -1,0 +1,24 @@
+//! Logging through `tracing`: text or JSON on stderr.
+//!
+//! Third-party crates are capped at `info`: the broker client's and HTTP stack's debug
+//! and trace output can carry credentials and full URLs, which must never be logged.
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+const CAPPED: &[&str] = &["lapin", "amq_protocol", "reqwest", "hyper", "hyper_util", "h2", "rustls", "axum", "tower"];
+
+/// Installs the global subscriber. `RUST_LOG` overrides `level`.
+pub fn init(level: &str, format: LogFormat) {
+    let spec = std::env::var("RUST_LOG").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| level.to_owned());
+    let mut filter = EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info"));
+    for target in CAPPED {
+        filter = filter.add_directive(format!("{target}=info").parse().expect("valid directive"));
+    }
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
