@@ -92,7 +92,6 @@ async fn run_command(cli: Cli) -> Result<(), u8> {
 
 fn fail(error: &dyn std::fmt::Display) -> u8 {
     eprintln!("courier: {error}");
-    tracing::error!(%error, "failed");
     RUNTIME_FAILURE
 }
 

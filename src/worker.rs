@@ -134,7 +134,7 @@ impl Worker {
         let settings = self.settings.clone();
         let metrics = self.metrics.clone();
         let sender = Sender::new(&settings.delivery)?;
-        let publisher = Publisher::connect(&settings.broker.urls, "courier-publish").await?;
+        let publisher = Publisher::connect(&settings.broker.urls, &format!("courier publish {}", settings.broker.queue_prefix)).await?;
         let shared = Arc::new(Shared {
             settings: settings.clone(),
             metrics: metrics.clone(),
@@ -220,7 +220,7 @@ struct Session {
 
 async fn open_session(settings: &Settings) -> Result<Session, BrokerError> {
     let broker = &settings.broker;
-    let connection = broker::connect(&broker.urls, "courier-consume").await?;
+    let connection = broker::connect(&broker.urls, &format!("courier consume {}", broker.queue_prefix)).await?;
     broker::declare(&connection, broker, &settings.retry.schedule).await?;
     let channel = connection.create_channel().await.map_err(BrokerError::amqp("opening the consume channel"))?;
     channel

@@ -1,0 +1,362 @@
+//! The binary: exit codes, config errors, SIGTERM, admin endpoints, the private-network
+//! guard, `publish` and `receive`.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use lapin::options::QueueDeclareOptions;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+
+use crate::helpers::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_courier");
+
+fn temp_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("courier-it-{}", suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn write_config(text: &str) -> PathBuf {
+    let path = temp_dir().join("courier.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn courier(args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env_remove("COURIER_AMQP_URL").env_remove("COURIER_ADMIN_LISTEN").env_remove("RUST_LOG");
+    cmd
+}
+
+fn output(cmd: &mut Command) -> (i32, String, String) {
+    let Output { status, stdout, stderr } = cmd.stdin(Stdio::null()).output().expect("courier runs");
+    (status.code().unwrap_or(-1), String::from_utf8_lossy(&stdout).into_owned(), String::from_utf8_lossy(&stderr).into_owned())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+const GOOD: &str = r#"
+[broker]
+url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+[[account]]
+id = "acme"
+companies_url = "https://hooks.example.com/companies"
+"#;
+
+#[test]
+fn check_accepts_a_good_config_and_hides_secrets() {
+    let path = write_config(&format!("{GOOD}hmac_secret = \"${{IT_SECRET}}\"\nheaders = {{ Authorization = \"Bearer zzz-token\" }}\n"));
+    let (code, stdout, stderr) = output(courier(&["check", "--config", path.to_str().unwrap()]).env("IT_SECRET", "s3cr3t-value"));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("acme"), "{stdout}");
+    assert!(stdout.contains("https://hooks.example.com:443"), "{stdout}");
+    for secret in ["s3cr3t-value", "zzz-token", "/companies", "guest:guest"] {
+        assert!(!stdout.contains(secret) && !stderr.contains(secret), "{secret} printed");
+    }
+    // The global option works before the command too, and so does $COURIER_CONFIG.
+    let (code, _, _) = output(courier(&["--config", path.to_str().unwrap(), "check"]).env("IT_SECRET", "x"));
+    assert_eq!(code, 0);
+    let (code, _, _) = output(courier(&["check"]).env("COURIER_CONFIG", &path).env("IT_SECRET", "x"));
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn config_errors_exit_2_naming_the_key() {
+    let cases: Vec<(String, &str)> = vec![
+        (format!("{GOOD}batch_size = 0\n"), "account.batch_size"),
+        (format!("{GOOD}batch_size = 201\n"), "account.batch_size"),
+        (format!("{GOOD}hmac_secret = \"${{COURIER_IT_SURELY_UNSET}}\"\n"), "COURIER_IT_SURELY_UNSET"),
+        (GOOD.replace("https://hooks.example.com/companies", "ftp://hooks.example.com/"), "account.companies_url"),
+        (format!("{GOOD}\n[[account]]\nid = \"acme\"\ncompanies_url = \"https://b.example.com/\"\n"), "account.id"),
+        (format!("{GOOD}colour = \"blue\"\n"), "colour"),
+        (format!("{GOOD}standard_webhooks_secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n"), "standard_webhooks_secret"),
+        (format!("{GOOD}client_cert = \"/etc/courier/a.crt\"\n"), "client_cert"),
+        (GOOD.replace("[broker]", "[delivery]\nordering = \"per_record\"\n[broker]"), "delivery.ordering"),
+        (GOOD.replace("[broker]", "[delivery]\nca_file = \"/etc/ca.pem\"\n[broker]"), "delivery.ca_file"),
+        (GOOD.replace("[broker]", "[retry]\nschedule = [\"30s\", \"30s\"]\n[broker]"), "retry.schedule"),
+    ];
+    for (text, key) in cases {
+        let path = write_config(&text);
+        let (code, _, stderr) = output(&mut courier(&["check", "--config", path.to_str().unwrap()]));
+        assert_eq!(code, 2, "config should be refused: {text}");
+        assert!(stderr.contains(key), "stderr does not name {key}: {stderr}");
+        assert!(stderr.contains("courier.toml"), "stderr does not name the file: {stderr}");
+    }
+    let unsupported = write_config(&format!("{GOOD}client_key = \"/k\"\n"));
+    let (_, _, stderr) = output(&mut courier(&["check", "--config", unsupported.to_str().unwrap()]));
+    assert!(stderr.contains("not supported yet"), "{stderr}");
+    let (code, _, stderr) = output(&mut courier(&["check", "--config", "/nonexistent/courier.toml"]));
+    assert_eq!(code, 2);
+    assert!(stderr.contains("/nonexistent/courier.toml"), "{stderr}");
+    let (code, _, _) = output(&mut courier(&["frobnicate"]));
+    assert_eq!(code, 2, "usage errors exit 2");
+}
+
+#[tokio::test]
+async fn an_existing_queue_with_other_arguments_exits_1_naming_it() {
+    let names = Names::new();
+    let broker = Broker::connect(&names, &["30s"]).await;
+    let channel = broker.conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from(b"quorum".to_vec())));
+    args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(99));
+    channel
+        .queue_declare(names.deliver().as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
+        .await
+        .unwrap();
+    let path = write_config(&config_text(&names, &ConfigSpec { accounts: "[[account]]\nid = \"a\"\ncompanies_url = \"http://127.0.0.1:9/\"\n".into(), ..Default::default() }));
+    let (code, _, stderr) = output(&mut courier(&["setup", "--config", path.to_str().unwrap()]));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains(&names.deliver()), "queue not named: {stderr}");
+    assert!(stderr.contains("x-delivery-limit"), "argument not named: {stderr}");
+    let (code, _, stderr) = output(&mut courier(&["run", "--config", path.to_str().unwrap()]));
+    assert_eq!(code, 1, "run refuses too: {stderr}");
+    assert!(stderr.contains("x-delivery-limit"), "{stderr}");
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sigterm(child: &Child) {
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+}
+
+async fn wait_exit(child: &mut Child, timeout: Duration) -> Option<i32> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn http_get(port: u16, path: &str) -> (u16, String) {
+    let response = reqwest::Client::builder().no_proxy().build().unwrap()
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .send()
+        .await;
+    match response {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(_) => (0, String::new()),
+    }
+}
+
+#[tokio::test]
+async fn sigterm_delivers_buffered_events_then_exits_0() {
+    let receiver = Receiver::start().await;
+    let names = Names::new();
+    let broker = Broker::connect(&names, &["30s"]).await;
+    let port = free_port();
+    let spec = ConfigSpec {
+        accounts: format!(
+            "[[account]]\nid = \"acme\"\ncompanies_url = \"{}\"\nbatch_size = 200\nflush_interval = \"10m\"\nhmac_secret = \"hush-hush\"\n",
+            receiver.url("/hook")
+        ),
+        ..Default::default()
+    };
+    let text = config_text(&names, &spec).replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let path = write_config(&format!("{text}\n").replace("[admin]", "[log]\nlevel = \"trace\"\n\n[admin]"));
+    let log = path.with_file_name("courier.log");
+    let mut child = Proc(
+        courier(&["run", "--config", path.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(eventually_async(Duration::from_secs(20), || async { http_get(port, "/readyz").await.0 == 200 }).await, "never ready");
+    assert_eq!(http_get(port, "/healthz").await.0, 200);
+    let bodies: Vec<Vec<u8>> = (0..25).map(|i| event(&format!("t{i}"), "acme", "company")).collect();
+    broker.publish(&bodies).await;
+    assert!(
+        eventually_async(Duration::from_secs(10), || async {
+            metric_value(&http_get(port, "/metrics").await.1, "courier_buffered_events", &[]) == 25.0
+        })
+        .await,
+        "events not buffered"
+    );
+    assert!(receiver.requests().is_empty(), "nothing sent before the 10m interval");
+    sigterm(&child.0);
+    assert_eq!(wait_exit(&mut child.0, Duration::from_secs(20)).await, Some(0), "exit code after SIGTERM");
+    let ids: HashSet<_> = receiver.delivered_ids().into_iter().collect();
+    assert_eq!(ids.len(), 25, "buffered events delivered before exit");
+    assert_eq!(broker.depth(&names.deliver()).await, 0);
+    // Even at trace level, no secret or broker password reaches the log.
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("consuming"), "{logged}");
+    for secret in ["hush-hush", "guest:guest", "/hook"] {
+        assert!(!logged.contains(secret), "{secret} in the log");
+    }
+}
+
+async fn eventually_async<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A TCP listener that counts connections: the proxy a misconfigured client would use.
+async fn proxy_trap() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(socket);
+        }
+    });
+    (port, hits)
+}
+
+#[tokio::test]
+async fn the_private_network_guard_refuses_loopback_in_every_spelling() {
+    let v4 = Receiver::start().await;
+    let v6 = Receiver::start_on("[::1]:0").await;
+    let (proxy_port, proxy_hits) = proxy_trap().await;
+    let port = v4.addr.port();
+    let urls = [
+        ("ip", format!("http://127.0.0.1:{port}/a")),
+        ("ipv6", format!("http://[::1]:{}/b", v6.addr.port())),
+        ("name", format!("http://localhost:{port}/c")),
+        ("decimal", format!("http://2130706433:{port}/d")),
+        ("mapped", format!("http://[::ffff:127.0.0.1]:{port}/e")),
+    ];
+    for guard_on in [true, false] {
+        let names = Names::new();
+        let broker = Broker::connect(&names, &["30s"]).await;
+        let mut accounts = String::new();
+        for (id, url) in &urls {
+            accounts.push_str(&format!("[[account]]\nid = \"{id}\"\ncompanies_url = \"{url}\"\n\n"));
+        }
+        let spec = ConfigSpec { retry: "immediate_attempts = 1".into(), accounts, ..Default::default() };
+        let text = config_text(&names, &spec)
+            .replace("allow_private_networks = true", &format!("allow_private_networks = {}", !guard_on))
+            .replace("127.0.0.1:0", &format!("127.0.0.1:{}", free_port()));
+        let path = write_config(&text);
+        let mut child = Proc(
+            courier(&["run", "--config", path.to_str().unwrap()])
+                .env("HTTP_PROXY", format!("http://127.0.0.1:{proxy_port}"))
+                .env("http_proxy", format!("http://127.0.0.1:{proxy_port}"))
+                .env("ALL_PROXY", format!("http://127.0.0.1:{proxy_port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let bodies: Vec<Vec<u8>> = urls.iter().map(|(id, _)| event(&format!("g-{id}"), id, "company")).collect();
+        broker.publish(&bodies).await;
+        if guard_on {
+            assert_eq!(broker.wait_for_depth(&names.dead(), 5, Duration::from_secs(20)).await, 5, "all refused");
+            let dead = broker.drain(&names.dead()).await;
+            for (body, headers) in dead {
+                let error = header_str(&headers, "x-courier-last-error").unwrap();
+                assert!(error.contains("private-network guard"), "{}: {error}", event_id(&body));
+            }
+            assert!(v4.requests().is_empty() && v6.requests().is_empty(), "a refused destination was contacted");
+        } else {
+            let both = || v4.delivered_ids().len() + v6.delivered_ids().len();
+            assert!(eventually(Duration::from_secs(20), || both() == 5).await, "only {} delivered", both());
+            assert_eq!(v6.delivered_ids(), vec!["g-ipv6"]);
+        }
+        sigterm(&child.0);
+        assert_eq!(wait_exit(&mut child.0, Duration::from_secs(20)).await, Some(0));
+    }
+    assert_eq!(proxy_hits.load(std::sync::atomic::Ordering::SeqCst), 0, "the proxy from the environment was used");
+}
+
+#[tokio::test]
+async fn publish_validates_the_whole_file_first() {
+    let names = Names::new();
+    let broker = Broker::connect(&names, &["30s"]).await;
+    let path = write_config(&config_text(&names, &ConfigSpec { accounts: "[[account]]\nid = \"acme\"\ncompanies_url = \"http://127.0.0.1:9/\"\n".into(), ..Default::default() }));
+    let config = path.to_str().unwrap();
+    let (code, _, stderr) = output(&mut courier(&["setup", "--config", config]));
+    assert_eq!(code, 0, "{stderr}");
+    let events = path.with_file_name("events.ndjson");
+    let good: Vec<String> = (0..5).map(|i| String::from_utf8(event(&format!("p{i}"), "acme", "company")).unwrap()).collect();
+    std::fs::write(&events, format!("{}\n{}\n{{\"id\":\"broken\"\n{}\n", good[0], good[1], good[2..].join("\n"))).unwrap();
+    let (code, _, stderr) = output(&mut courier(&["publish", "--config", config, events.to_str().unwrap()]));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("line 3"), "{stderr}");
+    assert_eq!(broker.depth(&names.deliver()).await, 0, "nothing published");
+    let (code, stdout, stderr) = output(&mut courier(&["publish", "--skip-invalid", "--config", config, events.to_str().unwrap()]));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("published 5") && stdout.contains("skipped 1"), "{stdout}");
+    let queued = broker.drain(&names.deliver()).await;
+    let ids: Vec<String> = queued.iter().map(|(b, _)| event_id(b)).collect();
+    assert_eq!(ids, vec!["p0", "p1", "p2", "p3", "p4"], "file order");
+}
+
+#[tokio::test]
+async fn receive_verifies_signatures() {
+    let port = free_port();
+    let mut child = Proc(
+        courier(&["receive", "--listen", &format!("127.0.0.1:{port}"), "--secret", "abc"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let body = br#"[{"id":"1"},{"id":"2"}]"#;
+    let url = format!("http://127.0.0.1:{port}/any/path");
+    assert!(eventually_async(Duration::from_secs(10), || async { client.post(&url).send().await.is_ok() }).await);
+    let good = client
+        .post(&url)
+        .header("x-goodfit-hmac-sha256", courier::sign::signature(b"abc", body))
+        .body(body.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(good.status().as_u16(), 200);
+    let bad = client.post(&url).header("x-goodfit-hmac-sha256", "sha256=00").body(body.to_vec()).send().await.unwrap();
+    assert_eq!(bad.status().as_u16(), 401);
+    sigterm(&child.0);
+    let out = child.0.wait_with_output_ref();
+    assert!(out.contains("POST /any/path 200 events=2") && out.contains("sig=ok"), "{out}");
+    assert!(out.contains("401") && out.contains("sig=bad"), "{out}");
+}
+
+trait WaitOutput {
+    fn wait_with_output_ref(&mut self) -> String;
+}
+
+impl WaitOutput for Child {
+    fn wait_with_output_ref(&mut self) -> String {
+        use std::io::Read;
+        let _ = self.wait();
+        let mut out = String::new();
+        if let Some(stdout) = self.stdout.as_mut() {
+            let _ = stdout.read_to_string(&mut out);
+        }
+        out
+    }
+}

@@ -1,0 +1,486 @@
+//! Test helpers: a real local receiver, a worker on its own random queues, publishing
+//! and inspecting through a real RabbitMQ (zero2prod's `spawn_app`, Svix's receiver).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use courier::config::{self, Settings};
+use courier::metrics::Metrics;
+use courier::worker::Worker;
+
+/// The broker the tests use.
+pub fn amqp_url() -> String {
+    std::env::var("COURIER_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A random suffix for names.
+pub fn suffix() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..10).map(|_| char::from(b'a' + rng.random_range(0..26u8))).collect()
+}
+
+/// Logs for `TEST_LOG=1`.
+pub fn init_logs() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        courier::telemetry::init("debug", courier::config::LogFormat::Text);
+    }
+}
+
+/// One request the receiver got.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub status: u16,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The events of the body, each as the exact bytes it had in the body.
+    pub fn events(&self) -> Vec<String> {
+        match self.body.first() {
+            Some(b'[') => serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(&self.body)
+                .expect("a JSON array")
+                .into_iter()
+                .map(|raw| raw.get().to_owned())
+                .collect(),
+            _ => vec![String::from_utf8(self.body.to_vec()).expect("UTF-8")],
+        }
+    }
+
+    /// The ids of the body's events.
+    pub fn ids(&self) -> Vec<String> {
+        self.events().iter().map(|e| event_id(e.as_bytes())).collect()
+    }
+}
+
+/// The `id` field of an event.
+pub fn event_id(body: &[u8]) -> String {
+    let v: serde_json::Value = serde_json::from_slice(body).expect("JSON");
+    v["id"].as_str().expect("an id").to_owned()
+}
+
+#[derive(Default)]
+struct ReceiverState {
+    requests: Mutex<Vec<Recorded>>,
+    /// Statuses to answer next, in order; then `status`.
+    script: Mutex<VecDeque<u16>>,
+    status: AtomicU16,
+    /// Per-path answers, overriding the rest.
+    by_path: Mutex<HashMap<String, u16>>,
+    retry_after: Mutex<Option<String>>,
+    /// Bodies containing this text get this status.
+    reject: Mutex<Option<(String, u16)>>,
+    delay: Mutex<Option<Duration>>,
+}
+
+/// A real HTTP receiver on loopback that records requests and answers as told.
+#[derive(Clone)]
+pub struct Receiver {
+    pub addr: SocketAddr,
+    state: Arc<ReceiverState>,
+    stop: CancellationToken,
+}
+
+impl Receiver {
+    /// Listens on `127.0.0.1:0`.
+    pub async fn start() -> Self {
+        Self::start_on("127.0.0.1:0").await
+    }
+
+    /// Listens on `addr`.
+    pub async fn start_on(addr: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind receiver");
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(ReceiverState { status: AtomicU16::new(200), ..Default::default() });
+        let stop = CancellationToken::new();
+        let app = Router::new().fallback(record).with_state(state.clone());
+        let token = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app).with_graceful_shutdown(token.cancelled_owned()).await.unwrap();
+        });
+        Self { addr, state, stop }
+    }
+
+    /// `http://ADDR/path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// The status answered from now on.
+    pub fn set_status(&self, status: u16) {
+        self.state.status.store(status, Ordering::SeqCst);
+    }
+
+    /// Statuses answered next, before the standing one.
+    pub fn script(&self, statuses: &[u16]) {
+        self.state.script.lock().unwrap().extend(statuses);
+    }
+
+    /// A standing answer for one path.
+    pub fn set_path_status(&self, path: &str, status: u16) {
+        self.state.by_path.lock().unwrap().insert(path.to_owned(), status);
+    }
+
+    /// Answers `status` to any body that contains `needle`.
+    pub fn reject_bodies_with(&self, needle: &str, status: u16) {
+        *self.state.reject.lock().unwrap() = Some((needle.to_owned(), status));
+    }
+
+    /// Every request so far.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.requests.lock().unwrap().clone()
+    }
+
+    /// Requests answered 2xx.
+    pub fn accepted(&self) -> Vec<Recorded> {
+        self.requests().into_iter().filter(|r| (200..300).contains(&r.status)).collect()
+    }
+
+    /// Ids of the events in 2xx-answered requests.
+    pub fn delivered_ids(&self) -> Vec<String> {
+        self.accepted().iter().flat_map(Recorded::ids).collect()
+    }
+
+    /// Waits until at least `n` events were accepted; returns how many were.
+    pub async fn wait_for_events(&self, n: usize, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.delivered_ids().len();
+            if got >= n || Instant::now() >= deadline {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until at least `n` requests arrived, whatever their answer.
+    pub async fn wait_for_requests(&self, n: usize, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.requests().len();
+            if got >= n || Instant::now() >= deadline {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+async fn record(State(state): State<Arc<ReceiverState>>, uri: Uri, headers: HeaderMap, body: Bytes) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let delay = *state.delay.lock().unwrap();
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
+    let rejected = state.reject.lock().unwrap().as_ref().and_then(|(needle, status)| {
+        let body = String::from_utf8_lossy(&body);
+        body.contains(needle.as_str()).then_some(*status)
+    });
+    let status = rejected
+        .or_else(|| state.by_path.lock().unwrap().get(uri.path()).copied())
+        .or_else(|| state.script.lock().unwrap().pop_front())
+        .unwrap_or_else(|| state.status.load(Ordering::SeqCst));
+    state.requests.lock().unwrap().push(Recorded { path: uri.path().to_owned(), headers, body, status });
+    let mut response = StatusCode::from_u16(status).unwrap().into_response();
+    if let Some(retry_after) = state.retry_after.lock().unwrap().clone() {
+        response.headers_mut().insert("retry-after", retry_after.parse().unwrap());
+    }
+    response
+}
+
+/// Extra lines for the sections of a test configuration.
+#[derive(Default, Clone)]
+pub struct ConfigSpec {
+    pub broker: String,
+    pub delivery: String,
+    pub retry: String,
+    pub top: String,
+    /// `[[account]]` tables.
+    pub accounts: String,
+}
+
+/// The names one test owns on the broker.
+#[derive(Clone)]
+pub struct Names {
+    pub prefix: String,
+    pub exchange: String,
+}
+
+impl Names {
+    pub fn new() -> Self {
+        let s = suffix();
+        Self { prefix: format!("test-{s}"), exchange: format!("test-x-{s}") }
+    }
+
+    pub fn deliver(&self) -> String {
+        format!("{}.deliver", self.prefix)
+    }
+
+    pub fn dead(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+}
+
+/// A full configuration text for `spec` on `names`.
+pub fn config_text(names: &Names, spec: &ConfigSpec) -> String {
+    format!(
+        r#"{top}
+[broker]
+url = "{url}"
+exchange = "{exchange}"
+queue_prefix = "{prefix}"
+{broker}
+
+[delivery]
+allow_private_networks = true
+timeout = "2s"
+{delivery}
+
+[retry]
+initial_interval = "50ms"
+max_interval = "200ms"
+schedule = ["30s"]
+{retry}
+
+[admin]
+listen = "127.0.0.1:0"
+
+{accounts}
+"#,
+        top = spec.top,
+        url = amqp_url(),
+        exchange = names.exchange,
+        prefix = names.prefix,
+        broker = spec.broker,
+        delivery = spec.delivery,
+        retry = spec.retry,
+        accounts = spec.accounts,
+    )
+}
+
+/// Parses a test configuration with the process environment.
+pub fn settings(names: &Names, spec: &ConfigSpec) -> Settings {
+    let text = config_text(names, spec);
+    config::parse(Path::new("test.toml"), &text, &|name| std::env::var(name).ok())
+        .unwrap_or_else(|e| panic!("test config invalid: {e}\n{text}"))
+}
+
+/// A broker connection for the test's own publishing and inspection; deletes the test's
+/// queues and exchange when dropped (even when the test panics).
+pub struct Broker {
+    pub names: Names,
+    pub conn: Connection,
+    channel: lapin::Channel,
+    queues: Vec<String>,
+}
+
+impl Broker {
+    pub async fn connect(names: &Names, schedule: &[&str]) -> Self {
+        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.expect("broker");
+        let channel = conn.create_channel().await.unwrap();
+        channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        let mut queues = vec![names.deliver(), names.dead()];
+        queues.extend(schedule.iter().map(|d| format!("{}.retry.{d}", names.prefix)));
+        Self { names: names.clone(), conn, channel, queues }
+    }
+
+    /// Publishes bodies to the test exchange with routing key `<account>.<type>`, confirmed.
+    pub async fn publish(&self, bodies: &[Vec<u8>]) {
+        self.publish_with(bodies, BasicProperties::default().with_delivery_mode(2)).await;
+    }
+
+    pub async fn publish_with(&self, bodies: &[Vec<u8>], properties: BasicProperties) {
+        let mut confirms = Vec::with_capacity(bodies.len());
+        for body in bodies {
+            let key = serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .map(|v| format!("{}.{}", v["account"].as_str().unwrap_or("x"), v["type"].as_str().unwrap_or("y")))
+                .unwrap_or_else(|| "bad.event".into());
+            let confirm = self
+                .channel
+                .basic_publish(
+                    self.names.exchange.as_str().into(),
+                    key.as_str().into(),
+                    BasicPublishOptions { mandatory: true, ..Default::default() },
+                    body,
+                    properties.clone(),
+                )
+                .await
+                .unwrap();
+            confirms.push(confirm);
+            if confirms.len() >= 500 {
+                for c in confirms.drain(..) {
+                    assert_eq!(c.await.unwrap(), lapin::Confirmation::Ack(None), "publish not confirmed");
+                }
+            }
+        }
+        for c in confirms {
+            assert_eq!(c.await.unwrap(), lapin::Confirmation::Ack(None), "publish not confirmed");
+        }
+    }
+
+    /// Takes every message of `queue` (acking them): body and headers.
+    pub async fn drain(&self, queue: &str) -> Vec<(Vec<u8>, FieldTable)> {
+        let channel = self.conn.create_channel().await.unwrap();
+        let mut out = Vec::new();
+        while let Some(msg) = channel.basic_get(queue.into(), BasicGetOptions::default()).await.unwrap() {
+            let headers = msg.delivery.properties.headers().clone().unwrap_or_default();
+            msg.delivery.ack(BasicAckOptions::default()).await.unwrap();
+            out.push((msg.delivery.data.clone(), headers));
+        }
+        out
+    }
+
+    /// Messages ready in `queue`.
+    pub async fn depth(&self, queue: &str) -> u32 {
+        let channel = self.conn.create_channel().await.unwrap();
+        channel
+            .queue_declare(queue.into(), lapin::options::QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+            .await
+            .map(|q| q.message_count())
+            .unwrap_or(0)
+    }
+
+    /// Waits until `queue` holds at least `n` messages.
+    pub async fn wait_for_depth(&self, queue: &str, n: u32, timeout: Duration) -> u32 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let depth = self.depth(queue).await;
+            if depth >= n || Instant::now() >= deadline {
+                return depth;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let queues = self.queues.clone();
+        let exchange = self.names.exchange.clone();
+        // Drop cannot await: clean up on a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await else { return };
+                let Ok(channel) = conn.create_channel().await else { return };
+                for q in queues {
+                    let _ = channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+                }
+                let _ = channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
+                let _ = conn.close(200, "cleanup".into()).await;
+            });
+        })
+        .join();
+    }
+}
+
+/// A header's value as text or integer.
+pub fn header_str(headers: &FieldTable, name: &str) -> Option<String> {
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        AMQPValue::LongLongInt(n) => Some(n.to_string()),
+        AMQPValue::LongInt(n) => Some(n.to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+/// A worker running in-process on its own queues.
+pub struct TestWorker {
+    pub metrics: Arc<Metrics>,
+    stop: CancellationToken,
+    handle: tokio::task::JoinHandle<Result<(), courier::worker::RunError>>,
+}
+
+impl TestWorker {
+    pub async fn spawn(settings: Settings) -> Self {
+        init_logs();
+        let worker = Worker::new(settings);
+        let metrics = worker.metrics();
+        let ready = worker.ready();
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(worker.run(stop.clone()));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ready.load(Ordering::SeqCst) {
+            assert!(!handle.is_finished(), "worker exited during start-up");
+            assert!(Instant::now() < deadline, "worker not ready in time");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Self { metrics, stop, handle }
+    }
+
+    /// A metric's value summed over the label sets whose rendering contains every
+    /// `label="value"` of `labels`.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_value(&self.metrics.render(), name, labels)
+    }
+
+    /// Stops the worker (as SIGTERM would) and waits for it.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        self.handle.await.expect("worker task").expect("worker run");
+    }
+}
+
+/// Sums the samples of `name` in Prometheus text that carry all `labels`.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            let (metric, _) = l.split_once(' ').unwrap_or((l, ""));
+            let base = metric.split('{').next().unwrap();
+            base == name && labels.iter().all(|(k, v)| metric.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// An event body.
+pub fn event(id: &str, account: &str, kind: &str) -> Vec<u8> {
+    format!(
+        r#"{{"id":"{id}","account":"{account}","type":"{kind}","action":"created","record_id":"rec-{id}","occurred_at":"2026-11-28T10:00:00Z","record":{{"name":"Company {id}","employees":42}}}}"#
+    )
+    .into_bytes()
+}
+
+/// Waits until `f` holds.
+pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,6 @@
+//! Integration tests against a real RabbitMQ and real receivers on loopback.
+
+mod cli;
+mod failures;
+mod helpers;
+mod pipeline;
