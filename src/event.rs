@@ -72,7 +72,10 @@ pub fn parse(body: &[u8], max_bytes: usize) -> Result<Event<'_>, InvalidEvent> {
             body.len()
         )));
     }
-    let mut de = serde_json::Deserializer::from_slice(body);
+    // Validated once here; strings inside `record` are only skipped by the parser.
+    let text = std::str::from_utf8(body)
+        .map_err(|e| InvalidEvent(format!("the event is not UTF-8 (byte {})", e.valid_up_to())))?;
+    let mut de = serde_json::Deserializer::from_str(text);
     let raw = de.deserialize_map(RawVisitor).map_err(|e| InvalidEvent(e.to_string()))?;
     de.end().map_err(|e| InvalidEvent(e.to_string()))?;
     raw.validate()
@@ -287,6 +290,14 @@ mod tests {
     fn escaped_duplicate_keys_are_caught() {
         let body = GOOD.replace("\"extra\"", "\"\\u0069d\"");
         assert!(reason(&body).contains("duplicate field `id`"));
+    }
+
+    #[test]
+    fn invalid_utf8_anywhere_is_refused() {
+        let mut body = GOOD.replace("Acme", "Ac?e").into_bytes();
+        let at = body.iter().position(|b| *b == b'?').unwrap();
+        body[at] = 0xff;
+        assert!(parse(&body, 1 << 20).unwrap_err().0.contains("UTF-8"));
     }
 
     #[test]

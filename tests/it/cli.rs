@@ -7,7 +7,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use lapin::options::QueueDeclareOptions;
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, FieldTable};
 
 use crate::helpers::*;
 
@@ -102,9 +102,15 @@ async fn an_existing_queue_with_other_arguments_exits_1_naming_it() {
     let names = Names::new();
     let broker = Broker::connect(&names, &["30s"]).await;
     let channel = broker.conn.create_channel().await.unwrap();
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from(b"quorum".to_vec())));
+    // Everything as courier declares it, but another delivery limit.
+    let settings = settings(&names, &ConfigSpec { accounts: "[[account]]\nid = \"a\"\ncompanies_url = \"http://127.0.0.1:9/\"\n".into(), ..Default::default() });
+    let spec = courier::broker::topology::queues(&settings.broker, &settings.retry.schedule)
+        .into_iter()
+        .find(|q| q.name == names.deliver())
+        .unwrap();
+    let mut args: std::collections::BTreeMap<_, _> = spec.arguments.inner().clone();
     args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(99));
+    let args = FieldTable::from(args);
     channel
         .queue_declare(names.deliver().as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
         .await
@@ -257,9 +263,10 @@ async fn the_private_network_guard_refuses_loopback_in_every_spelling() {
             accounts.push_str(&format!("[[account]]\nid = \"{id}\"\ncompanies_url = \"{url}\"\n\n"));
         }
         let spec = ConfigSpec { retry: "immediate_attempts = 1".into(), accounts, ..Default::default() };
+        let admin = free_port();
         let text = config_text(&names, &spec)
             .replace("allow_private_networks = true", &format!("allow_private_networks = {}", !guard_on))
-            .replace("127.0.0.1:0", &format!("127.0.0.1:{}", free_port()));
+            .replace("127.0.0.1:0", &format!("127.0.0.1:{admin}"));
         let path = write_config(&text);
         let mut child = Proc(
             courier(&["run", "--config", path.to_str().unwrap()])
@@ -271,6 +278,7 @@ async fn the_private_network_guard_refuses_loopback_in_every_spelling() {
                 .spawn()
                 .unwrap(),
         );
+        assert!(eventually_async(Duration::from_secs(20), || async { http_get(admin, "/readyz").await.0 == 200 }).await);
         let bodies: Vec<Vec<u8>> = urls.iter().map(|(id, _)| event(&format!("g-{id}"), id, "company")).collect();
         broker.publish(&bodies).await;
         if guard_on {
