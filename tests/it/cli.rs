@@ -368,3 +368,45 @@ impl WaitOutput for Child {
         out
     }
 }
+
+#[tokio::test]
+async fn kill_9_mid_delivery_loses_nothing() {
+    let receiver = Receiver::start().await;
+    receiver.set_delay(Duration::from_millis(100));
+    let names = Names::new();
+    let broker = Broker::connect(&names, &["30s"]).await;
+    let spec = ConfigSpec {
+        accounts: format!(
+            "[[account]]\nid = \"acme\"\ncompanies_url = \"{}\"\nbatch_size = 10\nflush_interval = \"100ms\"\n",
+            receiver.url("/hook")
+        ),
+        delivery: "max_inflight_per_destination = 2".into(),
+        ..Default::default()
+    };
+    let admin = free_port();
+    let text = config_text(&names, &spec).replace("127.0.0.1:0", &format!("127.0.0.1:{admin}"));
+    let path = write_config(&text);
+    let start = || {
+        Proc(
+            courier(&["run", "--config", path.to_str().unwrap()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap(),
+        )
+    };
+    let mut first = start();
+    assert!(eventually_async(Duration::from_secs(20), || async { http_get(admin, "/readyz").await.0 == 200 }).await);
+    let bodies: Vec<Vec<u8>> = (0..400).map(|i| event(&format!("k{i}"), "acme", "company")).collect();
+    broker.publish(&bodies).await;
+    receiver.wait_for_events(60, Duration::from_secs(20)).await;
+    first.0.kill().unwrap(); // SIGKILL: no flush, no goodbye
+    let _ = first.0.wait();
+    let before = receiver.delivered_ids().len();
+    assert!(before < 400, "the kill came too late to test anything ({before} delivered)");
+    receiver.set_delay(Duration::ZERO);
+    let mut second = start();
+    let all: HashSet<String> = bodies.iter().map(|b| event_id(b)).collect();
+    let delivered = || receiver.delivered_ids().into_iter().collect::<HashSet<_>>();
+    assert!(eventually(Duration::from_secs(30), || delivered().is_superset(&all)).await, "lost {} events", all.difference(&delivered()).count());
+    sigterm(&second.0);
+    assert_eq!(wait_exit(&mut second.0, Duration::from_secs(20)).await, Some(0));
+    assert_eq!(broker.depth(&names.deliver()).await, 0);
+    assert_eq!(broker.depth(&names.dead()).await, 0);
+}

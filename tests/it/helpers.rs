@@ -1,7 +1,7 @@
 //! Test helpers: a real local receiver, a worker on its own random queues, publishing
 //! and inspecting through a real RabbitMQ (zero2prod's `spawn_app`, Svix's receiver).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -88,8 +88,6 @@ struct ReceiverState {
     /// Statuses to answer next, in order; then `status`.
     script: Mutex<VecDeque<u16>>,
     status: AtomicU16,
-    /// Per-path answers, overriding the rest.
-    by_path: Mutex<HashMap<String, u16>>,
     retry_after: Mutex<Option<String>>,
     /// Bodies containing this text get this status.
     reject: Mutex<Option<(String, u16)>>,
@@ -101,7 +99,8 @@ struct ReceiverState {
 pub struct Receiver {
     pub addr: SocketAddr,
     state: Arc<ReceiverState>,
-    stop: CancellationToken,
+    /// Stops the server when the last clone is dropped.
+    _stop: Arc<tokio_util::sync::DropGuard>,
 }
 
 impl Receiver {
@@ -121,7 +120,7 @@ impl Receiver {
         tokio::spawn(async move {
             axum::serve(listener, app).with_graceful_shutdown(token.cancelled_owned()).await.unwrap();
         });
-        Self { addr, state, stop }
+        Self { addr, state, _stop: Arc::new(stop.drop_guard()) }
     }
 
     /// `http://ADDR/path`.
@@ -139,9 +138,9 @@ impl Receiver {
         self.state.script.lock().unwrap().extend(statuses);
     }
 
-    /// A standing answer for one path.
-    pub fn set_path_status(&self, path: &str, status: u16) {
-        self.state.by_path.lock().unwrap().insert(path.to_owned(), status);
+    /// Waits this long before answering each request.
+    pub fn set_delay(&self, delay: Duration) {
+        *self.state.delay.lock().unwrap() = Some(delay);
     }
 
     /// Answers `status` to any body that contains `needle`.
@@ -176,21 +175,6 @@ impl Receiver {
         }
     }
 
-    /// Waits until at least `n` requests arrived, whatever their answer.
-    pub async fn wait_for_requests(&self, n: usize, timeout: Duration) -> usize {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let got = self.requests().len();
-            if got >= n || Instant::now() >= deadline {
-                return got;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    pub fn stop(&self) {
-        self.stop.cancel();
-    }
 }
 
 async fn record(State(state): State<Arc<ReceiverState>>, uri: Uri, headers: HeaderMap, body: Bytes) -> axum::response::Response {
@@ -204,7 +188,6 @@ async fn record(State(state): State<Arc<ReceiverState>>, uri: Uri, headers: Head
         body.contains(needle.as_str()).then_some(*status)
     });
     let status = rejected
-        .or_else(|| state.by_path.lock().unwrap().get(uri.path()).copied())
         .or_else(|| state.script.lock().unwrap().pop_front())
         .unwrap_or_else(|| state.status.load(Ordering::SeqCst));
     state.requests.lock().unwrap().push(Recorded { path: uri.path().to_owned(), headers, body, status });
