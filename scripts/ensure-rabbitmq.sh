@@ -17,6 +17,7 @@ set -euo pipefail
 HOST=127.0.0.1
 PORT=5672
 WAIT_SECONDS="${RABBITMQ_WAIT_SECONDS:-120}"
+finish_dpkg=0
 
 # rabbitmq-server and rabbitmqctl live in /usr/sbin, which is not on every
 # user's PATH.
@@ -63,7 +64,15 @@ if ! command -v rabbitmq-server >/dev/null 2>&1; then
     log "installing rabbitmq-server (apt-get)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q </dev/null
-    apt-get install -y -q rabbitmq-server </dev/null
+    if ! apt-get install -y -q rabbitmq-server </dev/null; then
+        # Without an init system (containers) the package's post-install step can
+        # fail to start the service although the files are in place: start it
+        # ourselves below and let dpkg finish its configuration afterwards.
+        command -v rabbitmq-server >/dev/null 2>&1 \
+            || die "apt-get install rabbitmq-server failed"
+        log "the package's post-install step failed; starting RabbitMQ directly"
+        finish_dpkg=1
+    fi
     command -v rabbitmq-server >/dev/null 2>&1 \
         || die "apt-get installed rabbitmq-server, but the command is still not found"
 fi
@@ -91,6 +100,9 @@ deadline=$((SECONDS + WAIT_SECONDS))
 while :; do
     if port_answers && node_started; then
         printf ' up\n'
+        if [ "$finish_dpkg" -eq 1 ]; then
+            dpkg --configure -a </dev/null || log "warning: 'dpkg --configure -a' failed; RabbitMQ runs anyway"
+        fi
         log "RabbitMQ answers on ${HOST}:${PORT}"
         exit 0
     fi

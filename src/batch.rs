@@ -89,7 +89,12 @@ pub struct Accumulator<K, C, T> {
 
 impl<K: Clone + Eq + Hash, C, T> Default for Accumulator<K, C, T> {
     fn default() -> Self {
-        Self { open: HashMap::new(), deadlines: BTreeMap::new(), next_seq: 0, buffered: 0 }
+        Self {
+            open: HashMap::new(),
+            deadlines: BTreeMap::new(),
+            next_seq: 0,
+            buffered: 0,
+        }
     }
 }
 
@@ -123,7 +128,9 @@ impl<K: Clone + Eq + Hash, C, T> Accumulator<K, C, T> {
         if let Some(open) = self.open.get(key)
             && open.body_len_with(len) > open.limits.max_body_bytes
         {
-            let flushed = self.take(key, FlushReason::Bytes).expect("open batch exists");
+            let flushed = self
+                .take(key, FlushReason::Bytes)
+                .expect("open batch exists");
             emit(flushed);
         }
         let open = match self.open.get_mut(key) {
@@ -148,7 +155,9 @@ impl<K: Clone + Eq + Hash, C, T> Accumulator<K, C, T> {
         open.event_bytes += len;
         self.buffered += 1;
         if open.items.len() >= open.limits.batch_size {
-            let flushed = self.take(key, FlushReason::Size).expect("open batch exists");
+            let flushed = self
+                .take(key, FlushReason::Size)
+                .expect("open batch exists");
             emit(flushed);
         }
     }
@@ -169,9 +178,12 @@ impl<K: Clone + Eq + Hash, C, T> Accumulator<K, C, T> {
     /// Flushes the fullest batches until at least `events` events have left (or none
     /// are left): used when the prefetch window is full and no new message can arrive.
     pub fn flush_fullest(&mut self, events: usize, mut emit: impl FnMut(Flushed<K, C, T>)) {
-        let mut sizes: Vec<(usize, K)> =
-            self.open.iter().map(|(key, open)| (open.items.len(), key.clone())).collect();
-        sizes.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        let mut sizes: Vec<(usize, K)> = self
+            .open
+            .iter()
+            .map(|(key, open)| (open.items.len(), key.clone()))
+            .collect();
+        sizes.sort_unstable_by_key(|(len, _)| std::cmp::Reverse(*len));
         let mut flushed_events = 0;
         for (_, key) in sizes {
             if flushed_events >= events {
@@ -208,7 +220,13 @@ impl<K: Clone + Eq + Hash, C, T> Accumulator<K, C, T> {
         let open = self.open.remove(key)?;
         self.deadlines.remove(&(open.deadline, open.seq));
         self.buffered -= open.items.len();
-        Some(Flushed { key: key.clone(), ctx: open.ctx, limits: open.limits, items: open.items, reason })
+        Some(Flushed {
+            key: key.clone(),
+            ctx: open.ctx,
+            limits: open.limits,
+            items: open.items,
+            reason,
+        })
     }
 }
 
@@ -219,12 +237,29 @@ mod tests {
     type Acc = Accumulator<&'static str, (), u32>;
 
     fn limits(batch_size: usize, max_body_bytes: usize, ms: u64) -> Limits {
-        Limits { batch_size, max_body_bytes, flush_interval: Duration::from_millis(ms) }
+        Limits {
+            batch_size,
+            max_body_bytes,
+            flush_interval: Duration::from_millis(ms),
+        }
     }
 
-    fn push(acc: &mut Acc, key: &'static str, item: u32, len: usize, l: Limits) -> Vec<(Vec<u32>, FlushReason)> {
+    fn push(
+        acc: &mut Acc,
+        key: &'static str,
+        item: u32,
+        len: usize,
+        l: Limits,
+    ) -> Vec<(Vec<u32>, FlushReason)> {
         let mut out = Vec::new();
-        acc.push(&key, item, len, Instant::now(), || ((), l), |f| out.push((f.items, f.reason)));
+        acc.push(
+            &key,
+            item,
+            len,
+            Instant::now(),
+            || ((), l),
+            |f| out.push((f.items, f.reason)),
+        );
         out
     }
 
@@ -235,7 +270,10 @@ mod tests {
         assert!(push(&mut acc, "a", 1, 10, l).is_empty());
         assert!(push(&mut acc, "b", 9, 10, l).is_empty());
         assert!(push(&mut acc, "a", 2, 10, l).is_empty());
-        assert_eq!(push(&mut acc, "a", 3, 10, l), vec![(vec![1, 2, 3], FlushReason::Size)]);
+        assert_eq!(
+            push(&mut acc, "a", 3, 10, l),
+            vec![(vec![1, 2, 3], FlushReason::Size)]
+        );
         assert_eq!(acc.buffered(), 1);
         assert_eq!(acc.open_batches(), 1);
     }
@@ -244,7 +282,10 @@ mod tests {
     fn batch_size_one_flushes_every_event() {
         let mut acc = Acc::default();
         let l = limits(1, 100, 1000);
-        assert_eq!(push(&mut acc, "a", 1, 100, l), vec![(vec![1], FlushReason::Size)]);
+        assert_eq!(
+            push(&mut acc, "a", 1, 100, l),
+            vec![(vec![1], FlushReason::Size)]
+        );
         assert_eq!(acc.buffered(), 0);
         assert_eq!(acc.next_deadline(), None);
     }
@@ -256,7 +297,10 @@ mod tests {
         let l = limits(200, 23, 1000);
         assert!(push(&mut acc, "a", 1, 10, l).is_empty());
         assert!(push(&mut acc, "a", 2, 10, l).is_empty());
-        assert_eq!(push(&mut acc, "a", 3, 1, l), vec![(vec![1, 2], FlushReason::Bytes)]);
+        assert_eq!(
+            push(&mut acc, "a", 3, 1, l),
+            vec![(vec![1, 2], FlushReason::Bytes)]
+        );
         assert_eq!(acc.buffered(), 1);
     }
 
@@ -265,7 +309,10 @@ mod tests {
         let mut acc = Acc::default();
         let l = limits(200, 5, 1000);
         assert!(push(&mut acc, "a", 1, 50, l).is_empty());
-        assert_eq!(push(&mut acc, "a", 2, 50, l), vec![(vec![1], FlushReason::Bytes)]);
+        assert_eq!(
+            push(&mut acc, "a", 2, 50, l),
+            vec![(vec![1], FlushReason::Bytes)]
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -278,10 +325,17 @@ mod tests {
         let mut out = Vec::new();
         acc.expired(Instant::now(), |f| out.push(f.items));
         assert!(out.is_empty());
-        assert_eq!(acc.next_deadline().unwrap() - Instant::now(), Duration::from_millis(50));
+        assert_eq!(
+            acc.next_deadline().unwrap() - Instant::now(),
+            Duration::from_millis(50)
+        );
         tokio::time::advance(Duration::from_millis(50)).await;
         acc.expired(Instant::now(), |f| out.push(f.items));
-        assert_eq!(out, vec![vec![1, 3]], "the interval counts from the first event");
+        assert_eq!(
+            out,
+            vec![vec![1, 3]],
+            "the interval counts from the first event"
+        );
         tokio::time::advance(Duration::from_millis(50)).await;
         acc.expired(Instant::now(), |f| out.push(f.items));
         assert_eq!(out, vec![vec![1, 3], vec![2]]);
@@ -299,12 +353,18 @@ mod tests {
         }
         let mut out = Vec::new();
         acc.flush_fullest(6, |f| out.push((f.key, f.items.len(), f.reason)));
-        assert_eq!(out, vec![("b", 5, FlushReason::Window), ("c", 3, FlushReason::Window)]);
+        assert_eq!(
+            out,
+            vec![("b", 5, FlushReason::Window), ("c", 3, FlushReason::Window)]
+        );
         assert_eq!(acc.buffered(), 3);
         let mut rest = Vec::new();
         acc.drain(|f| rest.push((f.items.len(), f.reason)));
         rest.sort_unstable_by_key(|r| r.0);
-        assert_eq!(rest, vec![(1, FlushReason::Shutdown), (2, FlushReason::Shutdown)]);
+        assert_eq!(
+            rest,
+            vec![(1, FlushReason::Shutdown), (2, FlushReason::Shutdown)]
+        );
         assert_eq!(acc.next_deadline(), None);
     }
 
@@ -313,6 +373,9 @@ mod tests {
         let mut acc = Acc::default();
         push(&mut acc, "a", 1, 10, limits(2, 1000, 1000));
         // A reload shrinks nothing already open: the batch keeps batch_size 2.
-        assert_eq!(push(&mut acc, "a", 2, 10, limits(50, 1000, 1000)), vec![(vec![1, 2], FlushReason::Size)]);
+        assert_eq!(
+            push(&mut acc, "a", 2, 10, limits(50, 1000, 1000)),
+            vec![(vec![1, 2], FlushReason::Size)]
+        );
     }
 }

@@ -117,14 +117,20 @@ impl BrokerUrl {
     pub fn parse(raw: &str) -> Result<Self, String> {
         let url = Url::parse(raw).map_err(|e| format!("not a valid URL: {e}"))?;
         if !matches!(url.scheme(), "amqp" | "amqps") {
-            return Err(format!("scheme must be amqp or amqps, not {:?}", url.scheme()));
+            return Err(format!(
+                "scheme must be amqp or amqps, not {:?}",
+                url.scheme()
+            ));
         }
         let host = url.host_str().ok_or("the URL has no host")?;
         let port = url
             .port()
             .unwrap_or(if url.scheme() == "amqps" { 5671 } else { 5672 });
         let display = format!("{}://{host}:{port}{}", url.scheme(), url.path());
-        Ok(Self { secret: SecretString::from(raw.to_owned()), display })
+        Ok(Self {
+            secret: SecretString::from(raw.to_owned()),
+            display,
+        })
     }
 
     /// The full URL, for the connection only.
@@ -247,8 +253,13 @@ pub fn redact_url(url: &Url) -> String {
 /// The name of a retry tier: the delay in the largest unit that divides it exactly.
 pub fn delay_name(delay: Duration) -> String {
     let ms = delay.as_millis();
-    for (unit, size) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
-        if ms % size == 0 {
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
+        if ms.is_multiple_of(size) {
             return format!("{}{unit}", ms / size);
         }
     }
@@ -373,8 +384,26 @@ pub fn parse(
     let v = Validator { file: path };
     let mut root: toml::Value = toml::from_str::<toml::Table>(text)
         .map(toml::Value::Table)
-        .map_err(|e| v.err("(syntax)", None, e.message().to_string() + &location(text, &e)))?;
+        .map_err(|e| {
+            v.err(
+                "(syntax)",
+                None,
+                e.message().to_string() + &location(text, &e),
+            )
+        })?;
+    // Accounts are expanded one by one below, so their errors can name the account.
+    let mut raw_accounts_values = root.as_table_mut().and_then(|t| t.remove("account"));
     expand_env(&mut root, "", env).map_err(|(key, message)| v.err(&key, None, message))?;
+    if let Some(toml::Value::Array(accounts)) = raw_accounts_values.as_mut() {
+        for (index, account) in accounts.iter_mut().enumerate() {
+            let label = account_label(account, index);
+            expand_env(account, "account", env)
+                .map_err(|(key, message)| v.err(&key, Some(&label), message))?;
+        }
+    }
+    if let (Some(accounts), Some(table)) = (raw_accounts_values, root.as_table_mut()) {
+        table.insert("account".into(), accounts);
+    }
     let top: RawTop = root
         .try_into()
         .map_err(|e: toml::de::Error| v.err("(top level)", None, e.message().to_string()))?;
@@ -414,18 +443,33 @@ pub fn parse(
     }
     let prefetch = v.int("broker.prefetch", None, broker.prefetch, 1000, 1, 65535)? as u16;
     let shards = v.int("broker.shards", None, broker.shards, 4, 1, 1024)? as u16;
-    let max_event_bytes =
-        v.int("broker.max_event_bytes", None, broker.max_event_bytes, 1 << 20, 1, 128 << 20)?
-            as usize;
-    let delivery_limit =
-        v.int("broker.delivery_limit", None, broker.delivery_limit, 10, 1, 1_000_000)? as u32;
+    let max_event_bytes = v.int(
+        "broker.max_event_bytes",
+        None,
+        broker.max_event_bytes,
+        1 << 20,
+        1,
+        128 << 20,
+    )? as usize;
+    let delivery_limit = v.int(
+        "broker.delivery_limit",
+        None,
+        broker.delivery_limit,
+        10,
+        1,
+        1_000_000,
+    )? as u32;
 
     // Delivery.
     if let Some(ordering) = delivery.ordering.as_deref() {
         match ordering {
             "none" => {}
             "per_record" => {
-                return Err(v.err("delivery.ordering", None, "\"per_record\" is not supported yet"));
+                return Err(v.err(
+                    "delivery.ordering",
+                    None,
+                    "\"per_record\" is not supported yet",
+                ));
             }
             other => {
                 return Err(v.err(
@@ -439,9 +483,14 @@ pub fn parse(
     if delivery.ca_file.is_some() {
         return Err(v.err("delivery.ca_file", None, "is not supported yet"));
     }
-    let max_body_bytes =
-        v.int("delivery.max_body_bytes", None, delivery.max_body_bytes, 5 << 20, 1, 1 << 30)?
-            as usize;
+    let max_body_bytes = v.int(
+        "delivery.max_body_bytes",
+        None,
+        delivery.max_body_bytes,
+        5 << 20,
+        1,
+        1 << 30,
+    )? as usize;
     if max_body_bytes < max_event_bytes {
         return Err(v.err(
             "delivery.max_body_bytes",
@@ -472,17 +521,27 @@ pub fn parse(
     };
 
     // Retry.
-    let schedule_raw = retry
-        .schedule
-        .unwrap_or_else(|| ["30s", "5m", "30m", "2h", "6h", "12h"].map(String::from).to_vec());
+    let schedule_raw = retry.schedule.unwrap_or_else(|| {
+        ["30s", "5m", "30m", "2h", "6h", "12h"]
+            .map(String::from)
+            .to_vec()
+    });
     let mut schedule = Vec::with_capacity(schedule_raw.len());
     for raw in &schedule_raw {
         let delay = v.parse_duration("retry.schedule", None, raw)?;
         if delay < Duration::from_millis(1) || delay.subsec_nanos() % 1_000_000 != 0 {
-            return Err(v.err("retry.schedule", None, format!("{raw:?} must be whole milliseconds, at least 1ms")));
+            return Err(v.err(
+                "retry.schedule",
+                None,
+                format!("{raw:?} must be whole milliseconds, at least 1ms"),
+            ));
         }
         if schedule.contains(&delay) {
-            return Err(v.err("retry.schedule", None, format!("the delay {raw:?} is repeated")));
+            return Err(v.err(
+                "retry.schedule",
+                None,
+                format!("the delay {raw:?} is repeated"),
+            ));
         }
         if schedule.last().is_some_and(|last| *last > delay) {
             return Err(v.err("retry.schedule", None, "delays must be strictly increasing"));
@@ -490,25 +549,50 @@ pub fn parse(
         schedule.push(delay);
     }
     let retry = RetrySettings {
-        immediate_attempts: v.int("retry.immediate_attempts", None, retry.immediate_attempts, 3, 1, 100)?
-            as u32,
-        initial_interval: v.duration("retry.initial_interval", None, retry.initial_interval, "500ms")?,
+        immediate_attempts: v.int(
+            "retry.immediate_attempts",
+            None,
+            retry.immediate_attempts,
+            3,
+            1,
+            100,
+        )? as u32,
+        initial_interval: v.duration(
+            "retry.initial_interval",
+            None,
+            retry.initial_interval,
+            "500ms",
+        )?,
         max_interval: v.duration("retry.max_interval", None, retry.max_interval, "10s")?,
         schedule,
         max_age: v.duration("retry.max_age", None, retry.max_age, "24h")?,
     };
     if retry.max_interval < retry.initial_interval {
-        return Err(v.err("retry.max_interval", None, "must be at least retry.initial_interval"));
+        return Err(v.err(
+            "retry.max_interval",
+            None,
+            "must be at least retry.initial_interval",
+        ));
     }
 
     let circuit = CircuitSettings {
-        failure_threshold: v.int("circuit.failure_threshold", None, circuit.failure_threshold, 5, 1, 1_000_000)?
-            as u32,
+        failure_threshold: v.int(
+            "circuit.failure_threshold",
+            None,
+            circuit.failure_threshold,
+            5,
+            1,
+            1_000_000,
+        )? as u32,
         cooldown: v.duration("circuit.cooldown", None, circuit.cooldown, "30s")?,
         max_cooldown: v.duration("circuit.max_cooldown", None, circuit.max_cooldown, "10m")?,
     };
     if circuit.max_cooldown < circuit.cooldown {
-        return Err(v.err("circuit.max_cooldown", None, "must be at least circuit.cooldown"));
+        return Err(v.err(
+            "circuit.max_cooldown",
+            None,
+            "must be at least circuit.cooldown",
+        ));
     }
 
     let listen_raw = env("COURIER_ADMIN_LISTEN")
@@ -516,16 +600,27 @@ pub fn parse(
         .or(admin.listen)
         .unwrap_or_else(|| "127.0.0.1:9464".into());
     let admin = AdminSettings {
-        listen: listen_raw
-            .parse()
-            .map_err(|_| v.err("admin.listen", None, format!("{listen_raw:?} is not an address:port")))?,
+        listen: listen_raw.parse().map_err(|_| {
+            v.err(
+                "admin.listen",
+                None,
+                format!("{listen_raw:?} is not an address:port"),
+            )
+        })?,
     };
 
     let level = log.level.unwrap_or_else(|| "info".into());
     if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
-        return Err(v.err("log.level", None, format!("{level:?} is not a log level or filter")));
+        return Err(v.err(
+            "log.level",
+            None,
+            format!("{level:?} is not a log level or filter"),
+        ));
     }
-    let log = LogSettings { level, format: log.format.unwrap_or(LogFormat::Text) };
+    let log = LogSettings {
+        level,
+        format: log.format.unwrap_or(LogFormat::Text),
+    };
 
     // Accounts.
     let raw_accounts = top.account.unwrap_or_default();
@@ -535,14 +630,10 @@ pub fn parse(
     let mut accounts = HashMap::with_capacity(raw_accounts.len());
     for (index, raw) in raw_accounts.into_iter().enumerate() {
         // The id first, so every later error can name the account.
-        let label = raw
-            .get("id")
-            .and_then(toml::Value::as_str)
-            .map(str::to_owned)
-            .unwrap_or_else(|| format!("#{}", index + 1));
-        let raw: RawAccount = raw
-            .try_into()
-            .map_err(|e: toml::de::Error| v.err("account", Some(&label), e.message().to_string()))?;
+        let label = account_label(&raw, index);
+        let raw: RawAccount = raw.try_into().map_err(|e: toml::de::Error| {
+            v.err("account", Some(&label), e.message().to_string())
+        })?;
         let account = v.account(raw, &label)?;
         if account.batch_size > prefetch as usize {
             return Err(v.err(
@@ -581,6 +672,14 @@ pub fn parse(
     })
 }
 
+/// An account's id for error messages, or its position when the id is missing.
+fn account_label(raw: &toml::Value, index: usize) -> String {
+    raw.get("id")
+        .and_then(toml::Value::as_str)
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("#{}", index + 1))
+}
+
 /// A toml error's line and column, for syntax errors.
 fn location(text: &str, e: &toml::de::Error) -> String {
     match e.span() {
@@ -601,10 +700,8 @@ fn expand_env(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<(), (String, String)> {
     match value {
-        toml::Value::String(s) => {
-            if s.contains("${") {
-                *s = expand_str(s, env).map_err(|m| (key.to_owned(), m))?;
-            }
+        toml::Value::String(s) if s.contains("${") => {
+            *s = expand_str(s, env).map_err(|m| (key.to_owned(), m))?;
         }
         toml::Value::Array(items) => {
             for item in items {
@@ -613,7 +710,11 @@ fn expand_env(
         }
         toml::Value::Table(table) => {
             for (k, item) in table.iter_mut() {
-                let path = if key.is_empty() { k.clone() } else { format!("{key}.{k}") };
+                let path = if key.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{key}.{k}")
+                };
                 expand_env(item, &path, env)?;
             }
         }
@@ -671,9 +772,19 @@ impl Validator<'_> {
         }
     }
 
-    fn parse_duration(&self, key: &str, account: Option<&str>, raw: &str) -> Result<Duration, ConfigError> {
-        humantime::parse_duration(raw)
-            .map_err(|e| self.err(key, account, format!("{raw:?} is not a duration like \"500ms\" or \"30s\": {e}")))
+    fn parse_duration(
+        &self,
+        key: &str,
+        account: Option<&str>,
+        raw: &str,
+    ) -> Result<Duration, ConfigError> {
+        humantime::parse_duration(raw).map_err(|e| {
+            self.err(
+                key,
+                account,
+                format!("{raw:?} is not a duration like \"500ms\" or \"30s\": {e}"),
+            )
+        })
     }
 
     fn duration(
@@ -702,15 +813,24 @@ impl Validator<'_> {
     ) -> Result<i64, ConfigError> {
         let value = raw.unwrap_or(default);
         if !(min..=max).contains(&value) {
-            return Err(self.err(key, account, format!("{value} is out of range {min}..={max}")));
+            return Err(self.err(
+                key,
+                account,
+                format!("{value} is out of range {min}..={max}"),
+            ));
         }
         Ok(value)
     }
 
     fn url(&self, key: &str, account: &str, raw: &str) -> Result<Url, ConfigError> {
-        let url = Url::parse(raw).map_err(|e| self.err(key, Some(account), format!("not a valid URL: {e}")))?;
+        let url = Url::parse(raw)
+            .map_err(|e| self.err(key, Some(account), format!("not a valid URL: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(self.err(key, Some(account), format!("must be http or https, not {:?}", url.scheme())));
+            return Err(self.err(
+                key,
+                Some(account),
+                format!("must be http or https, not {:?}", url.scheme()),
+            ));
         }
         if url.host().is_none() {
             return Err(self.err(key, Some(account), "the URL has no host"));
@@ -721,7 +841,10 @@ impl Validator<'_> {
     fn account(&self, raw: RawAccount, label: &str) -> Result<Account, ConfigError> {
         let account = Some(label);
         for (key, set) in [
-            ("account.standard_webhooks_secret", raw.standard_webhooks_secret.is_some()),
+            (
+                "account.standard_webhooks_secret",
+                raw.standard_webhooks_secret.is_some(),
+            ),
             ("account.client_cert", raw.client_cert.is_some()),
             ("account.client_key", raw.client_key.is_some()),
         ] {
@@ -729,7 +852,9 @@ impl Validator<'_> {
                 return Err(self.err(key, account, "is not supported yet"));
             }
         }
-        let id = raw.id.ok_or_else(|| self.err("account.id", account, "is required"))?;
+        let id = raw
+            .id
+            .ok_or_else(|| self.err("account.id", account, "is required"))?;
         if !crate::event::valid_account(&id) {
             return Err(self.err("account.id", account, "must match [A-Za-z0-9_.-]{1,64}"));
         }
@@ -741,18 +866,37 @@ impl Validator<'_> {
             None | Some("") => None,
             Some(url) => Some(self.url("account.contacts_url", label, url)?),
         };
-        let batch_size =
-            self.int("account.batch_size", account, raw.batch_size, 1, 1, MAX_BATCH_SIZE as i64)? as usize;
-        let flush_interval = self.duration("account.flush_interval", account, raw.flush_interval, "1s")?;
+        let batch_size = self.int(
+            "account.batch_size",
+            account,
+            raw.batch_size,
+            1,
+            1,
+            MAX_BATCH_SIZE as i64,
+        )? as usize;
+        let flush_interval =
+            self.duration("account.flush_interval", account, raw.flush_interval, "1s")?;
         let hmac_secret = match raw.hmac_secret {
             Some(s) if s.is_empty() => {
-                return Err(self.err("account.hmac_secret", account, "is empty (omit it to send unsigned requests)"));
+                return Err(self.err(
+                    "account.hmac_secret",
+                    account,
+                    "is empty (omit it to send unsigned requests)",
+                ));
             }
             other => other.map(SecretString::from),
         };
-        let signature_header = raw.signature_header.as_deref().unwrap_or(DEFAULT_SIGNATURE_HEADER);
-        let signature_header = HeaderName::try_from(signature_header)
-            .map_err(|_| self.err("account.signature_header", account, "is not a valid header name"))?;
+        let signature_header = raw
+            .signature_header
+            .as_deref()
+            .unwrap_or(DEFAULT_SIGNATURE_HEADER);
+        let signature_header = HeaderName::try_from(signature_header).map_err(|_| {
+            self.err(
+                "account.signature_header",
+                account,
+                "is not a valid header name",
+            )
+        })?;
         let reserved: HashSet<HeaderName> = [
             reqwest::header::CONTENT_TYPE,
             reqwest::header::CONTENT_LENGTH,
@@ -800,9 +944,13 @@ mod tests {
     "#;
 
     fn parse_with(text: &str, vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
-        let vars: HashMap<String, String> =
-            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        parse(Path::new("test.toml"), text, &|name| vars.get(name).cloned())
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        parse(Path::new("test.toml"), text, &|name| {
+            vars.get(name).cloned()
+        })
     }
 
     fn error_of(text: &str) -> ConfigError {
@@ -830,20 +978,33 @@ mod tests {
 
     #[test]
     fn secrets_never_print() {
-        let text = format!("{MINIMAL}\nhmac_secret = \"${{SECRET}}\"\nheaders = {{ Authorization = \"Bearer tok123\" }}\n");
+        let text = format!(
+            "{MINIMAL}\nhmac_secret = \"${{SECRET}}\"\nheaders = {{ Authorization = \"Bearer tok123\" }}\n"
+        );
         let s = parse_with(&text, &[("SECRET", "hunter2")]).unwrap();
         let debug = format!("{s:?}");
         for secret in ["hunter2", "tok123", "secretpw", "token=abc"] {
             assert!(!debug.contains(secret), "{secret} leaked into {debug}");
         }
-        assert_eq!(s.accounts["acme"].hmac_secret.as_ref().unwrap().expose_secret(), "hunter2");
+        assert_eq!(
+            s.accounts["acme"]
+                .hmac_secret
+                .as_ref()
+                .unwrap()
+                .expose_secret(),
+            "hunter2"
+        );
     }
 
     #[test]
     fn env_expansion_is_braced_only() {
-        assert_eq!(expand_str("a${X}b$Y${X}", &|_| Some("1".into())).unwrap(), "a1b$Y1");
+        assert_eq!(
+            expand_str("a${X}b$Y${X}", &|_| Some("1".into())).unwrap(),
+            "a1b$Y1"
+        );
         let err = error_of(&format!("{MINIMAL}\nhmac_secret = \"${{NOPE}}\"\n"));
         assert_eq!(err.key, "account.hmac_secret");
+        assert_eq!(err.account.as_deref(), Some("acme"));
         assert!(err.to_string().contains("NOPE"), "{err}");
     }
 
@@ -851,7 +1012,10 @@ mod tests {
     fn env_overrides_broker_url_and_admin_listen() {
         let s = parse_with(
             MINIMAL,
-            &[("COURIER_AMQP_URL", "amqp://u:p@127.0.0.2:5673/v"), ("COURIER_ADMIN_LISTEN", "127.0.0.1:1")],
+            &[
+                ("COURIER_AMQP_URL", "amqp://u:p@127.0.0.2:5673/v"),
+                ("COURIER_ADMIN_LISTEN", "127.0.0.1:1"),
+            ],
         )
         .unwrap();
         assert_eq!(s.broker.urls[0].display, "amqp://127.0.0.2:5673/v");
@@ -863,11 +1027,27 @@ mod tests {
         let cases: &[(&str, &str, Option<&str>)] = &[
             ("batch_size = 0", "account.batch_size", Some("acme")),
             ("batch_size = 201", "account.batch_size", Some("acme")),
-            ("contacts_url = \"ftp://x/\"", "account.contacts_url", Some("acme")),
+            (
+                "contacts_url = \"ftp://x/\"",
+                "account.contacts_url",
+                Some("acme"),
+            ),
             ("colour = \"blue\"", "account", Some("acme")),
-            ("standard_webhooks_secret = \"whsec_AAAA\"", "account.standard_webhooks_secret", Some("acme")),
-            ("headers = { content-type = \"text/plain\" }", "account.headers.content-type", Some("acme")),
-            ("flush_interval = \"soon\"", "account.flush_interval", Some("acme")),
+            (
+                "standard_webhooks_secret = \"whsec_AAAA\"",
+                "account.standard_webhooks_secret",
+                Some("acme"),
+            ),
+            (
+                "headers = { content-type = \"text/plain\" }",
+                "account.headers.content-type",
+                Some("acme"),
+            ),
+            (
+                "flush_interval = \"soon\"",
+                "account.flush_interval",
+                Some("acme"),
+            ),
         ];
         for (line, key, account) in cases {
             let err = error_of(&format!("{MINIMAL}\n{line}\n"));
@@ -875,22 +1055,36 @@ mod tests {
             assert_eq!(err.account.as_deref(), *account, "for {line}: {err}");
             assert!(err.to_string().starts_with("test.toml: "), "{err}");
         }
-        let dup = error_of(&format!("{MINIMAL}\n[[account]]\nid = \"acme\"\ncompanies_url = \"http://x/\"\n"));
+        let dup = error_of(&format!(
+            "{MINIMAL}\n[[account]]\nid = \"acme\"\ncompanies_url = \"http://x/\"\n"
+        ));
         assert_eq!(dup.key, "account.id");
-        let schedule = error_of(&format!("[retry]\nschedule = [\"30s\", \"30s\"]\n{MINIMAL}"));
+        let schedule = error_of(&format!(
+            "[retry]\nschedule = [\"30s\", \"30s\"]\n{MINIMAL}"
+        ));
         assert_eq!(schedule.key, "retry.schedule");
         let unknown = error_of(&format!("[delivery]\nspeed = 1\n{MINIMAL}"));
         assert_eq!(unknown.key, "delivery");
         assert!(unknown.message.contains("speed"), "{unknown}");
         let ordering = error_of(&format!("[delivery]\nordering = \"per_record\"\n{MINIMAL}"));
         assert!(ordering.message.contains("not supported yet"));
-        let prefetch = error_of(&format!("{}\nbatch_size = 50\n", MINIMAL.replace("[broker]", "[broker]\nprefetch = 10")));
+        let prefetch = error_of(&format!(
+            "{}\nbatch_size = 50\n",
+            MINIMAL.replace("[broker]", "[broker]\nprefetch = 10")
+        ));
         assert_eq!(prefetch.key, "broker.prefetch", "{prefetch}");
     }
 
     #[test]
     fn retry_queue_names_use_the_largest_exact_unit() {
-        let cases = [("30s", "30s"), ("90s", "90s"), ("60s", "1m"), ("2h", "2h"), ("1500ms", "1500ms"), ("48h", "2d")];
+        let cases = [
+            ("30s", "30s"),
+            ("90s", "90s"),
+            ("60s", "1m"),
+            ("2h", "2h"),
+            ("1500ms", "1500ms"),
+            ("48h", "2d"),
+        ];
         for (raw, name) in cases {
             assert_eq!(delay_name(humantime::parse_duration(raw).unwrap()), name);
         }

@@ -43,8 +43,16 @@ pub fn classify(status: StatusCode, retry_after: Option<Duration>) -> Outcome {
     } else if matches!(code, 400 | 413 | 422) {
         Outcome::Rejected { status: code }
     } else {
-        let retry_after = if matches!(code, 429 | 503) { retry_after } else { None };
-        Outcome::Retryable { status: Some(code), error: format!("HTTP {status}"), retry_after }
+        let retry_after = if matches!(code, 429 | 503) {
+            retry_after
+        } else {
+            None
+        };
+        Outcome::Retryable {
+            status: Some(code),
+            error: format!("HTTP {status}"),
+            retry_after,
+        }
     }
 }
 
@@ -60,7 +68,10 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 
 /// The request body of a batch: the event itself for `batch_size = 1`, else a JSON
 /// array of the events as published, joined without whitespace.
-pub fn encode_body<'a>(batch_size: usize, events: impl ExactSizeIterator<Item = &'a [u8]> + Clone) -> Bytes {
+pub fn encode_body<'a>(
+    batch_size: usize,
+    events: impl ExactSizeIterator<Item = &'a [u8]> + Clone,
+) -> Bytes {
     let n = events.len();
     if batch_size == 1 && n == 1 {
         return Bytes::copy_from_slice(events.clone().next().expect("one event"));
@@ -113,7 +124,10 @@ impl Sender {
         if !settings.allow_private_networks {
             builder = builder.dns_resolver(std::sync::Arc::new(guard::GuardedResolver));
         }
-        Ok(Self { client: builder.build()?, allow_private_networks: settings.allow_private_networks })
+        Ok(Self {
+            client: builder.build()?,
+            allow_private_networks: settings.allow_private_networks,
+        })
     }
 
     /// Sends one request and classifies what came back.
@@ -121,7 +135,11 @@ impl Sender {
         if !self.allow_private_networks
             && let Some(refused) = refuse_literal(req.url)
         {
-            return Outcome::Retryable { status: None, error: refused, retry_after: None };
+            return Outcome::Retryable {
+                status: None,
+                error: refused,
+                retry_after: None,
+            };
         }
         let mut builder = self
             .client
@@ -147,7 +165,11 @@ impl Sender {
                 let _ = tokio::time::timeout(Duration::from_secs(1), response.bytes()).await;
                 classify(status, retry_after)
             }
-            Err(error) => Outcome::Retryable { status: None, error: describe(&error), retry_after: None },
+            Err(error) => Outcome::Retryable {
+                status: None,
+                error: describe(&error),
+                retry_after: None,
+            },
         }
     }
 }
@@ -160,7 +182,11 @@ fn refuse_literal(url: &Url) -> Option<String> {
         url::Host::Domain(_) => return None,
     };
     let why = guard::refusal(ip)?;
-    Some(guard::refused_message(&crate::config::redact_url(url), ip, why))
+    Some(guard::refused_message(
+        &crate::config::redact_url(url),
+        ip,
+        why,
+    ))
 }
 
 /// A transport error's text without its URL (paths and queries may carry tokens),
@@ -227,7 +253,9 @@ mod tests {
     fn retry_after_only_on_429_and_503() {
         let two = Some(Duration::from_secs(2));
         for (code, expected) in [(429, two), (503, two), (500, None), (502, None)] {
-            let Outcome::Retryable { retry_after, .. } = classify(StatusCode::from_u16(code).unwrap(), two) else {
+            let Outcome::Retryable { retry_after, .. } =
+                classify(StatusCode::from_u16(code).unwrap(), two)
+            else {
                 panic!("retryable");
             };
             assert_eq!(retry_after, expected, "status {code}");
@@ -238,8 +266,14 @@ mod tests {
     fn retry_after_seconds_and_dates() {
         let now = httpdate::parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
         assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
-        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:49:39 GMT", now), Some(Duration::from_secs(2)));
-        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:49:30 GMT", now), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:39 GMT", now),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:30 GMT", now),
+            Some(Duration::ZERO)
+        );
         assert_eq!(parse_retry_after("soon", now), None);
     }
 
@@ -248,13 +282,24 @@ mod tests {
         let a: &[u8] = br#"{"id":"a","n":1.0e3}"#;
         let b: &[u8] = b"{\"id\":\"b\\u00e9\"}";
         assert_eq!(&encode_body(1, [a].into_iter())[..], a);
-        assert_eq!(&encode_body(5, [a].into_iter())[..], [b"[", a, b"]"].concat());
-        assert_eq!(&encode_body(5, [a, b].into_iter())[..], [b"[", a, b",", b, b"]"].concat());
+        assert_eq!(
+            &encode_body(5, [a].into_iter())[..],
+            [b"[", a, b"]"].concat()
+        );
+        assert_eq!(
+            &encode_body(5, [a, b].into_iter())[..],
+            [b"[", a, b",", b, b"]"].concat()
+        );
     }
 
     #[test]
     fn literal_hosts_are_guarded() {
-        for url in ["http://127.0.0.1/x", "http://2130706433/", "http://[::ffff:127.0.0.1]/", "http://[::1]:8080/"] {
+        for url in [
+            "http://127.0.0.1/x",
+            "http://2130706433/",
+            "http://[::ffff:127.0.0.1]/",
+            "http://[::1]:8080/",
+        ] {
             let refused = refuse_literal(&Url::parse(url).unwrap());
             assert!(refused.is_some(), "{url}");
             assert!(!refused.unwrap().contains("/x"), "paths never appear");

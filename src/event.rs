@@ -61,7 +61,8 @@ pub struct InvalidEvent(pub String);
 /// `[A-Za-z0-9_.-]{1,64}`.
 pub fn valid_account(s: &str) -> bool {
     (1..=64).contains(&s.len())
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
 /// Parses and validates one event body of at most `max_bytes` bytes.
@@ -76,7 +77,9 @@ pub fn parse(body: &[u8], max_bytes: usize) -> Result<Event<'_>, InvalidEvent> {
     let text = std::str::from_utf8(body)
         .map_err(|e| InvalidEvent(format!("the event is not UTF-8 (byte {})", e.valid_up_to())))?;
     let mut de = serde_json::Deserializer::from_str(text);
-    let raw = de.deserialize_map(RawVisitor).map_err(|e| InvalidEvent(e.to_string()))?;
+    let raw = de
+        .deserialize_map(RawVisitor)
+        .map_err(|e| InvalidEvent(e.to_string()))?;
     de.end().map_err(|e| InvalidEvent(e.to_string()))?;
     raw.validate()
 }
@@ -99,35 +102,47 @@ impl<'a> Raw<'a> {
         check_len("id", &id, 128)?;
         let account = self.account.ok_or_else(|| missing("account"))?;
         if !valid_account(&account) {
-            return Err(InvalidEvent("`account` must match [A-Za-z0-9_.-]{1,64}".into()));
+            return Err(InvalidEvent(
+                "`account` must match [A-Za-z0-9_.-]{1,64}".into(),
+            ));
         }
         let kind = self.kind.ok_or_else(|| missing("type"))?;
         let kind = RecordType::parse(&kind)
             .ok_or_else(|| InvalidEvent("`type` must be \"company\" or \"contact\"".into()))?;
         let action = self.action.ok_or_else(|| missing("action"))?;
         if !matches!(action.as_ref(), "created" | "updated") {
-            return Err(InvalidEvent("`action` must be \"created\" or \"updated\"".into()));
+            return Err(InvalidEvent(
+                "`action` must be \"created\" or \"updated\"".into(),
+            ));
         }
         let record_id = self.record_id.ok_or_else(|| missing("record_id"))?;
         check_len("record_id", &record_id, 128)?;
         if !self.record {
             return Err(missing("record"));
         }
-        let occurred_at = match self.occurred_at {
-            None => None,
-            Some(raw) => Some(
-                DateTime::parse_from_rfc3339(&raw)
-                    .map_err(|_| InvalidEvent("`occurred_at` is not an RFC 3339 timestamp".into()))?,
-            ),
-        };
-        Ok(Event { id, account, kind, record_id, occurred_at })
+        let occurred_at =
+            match self.occurred_at {
+                None => None,
+                Some(raw) => Some(DateTime::parse_from_rfc3339(&raw).map_err(|_| {
+                    InvalidEvent("`occurred_at` is not an RFC 3339 timestamp".into())
+                })?),
+            };
+        Ok(Event {
+            id,
+            account,
+            kind,
+            record_id,
+            occurred_at,
+        })
     }
 }
 
 fn check_len(field: &str, value: &str, max: usize) -> Result<(), InvalidEvent> {
     let chars = value.chars().count();
     if chars == 0 || chars > max {
-        return Err(InvalidEvent(format!("`{field}` must be 1 to {max} characters, not {chars}")));
+        return Err(InvalidEvent(format!(
+            "`{field}` must be 1 to {max} characters, not {chars}"
+        )));
     }
     Ok(())
 }
@@ -205,9 +220,9 @@ impl<'de> Visitor<'de> for RawVisitor {
             };
             match slot {
                 Some(slot) => {
-                    let value = map.next_value::<CowStr<'de>>().map_err(|e| {
-                        de::Error::custom(format_args!("field `{key}`: {e}"))
-                    })?;
+                    let value = map
+                        .next_value::<CowStr<'de>>()
+                        .map_err(|e| de::Error::custom(format_args!("field `{key}`: {e}")))?;
                     *slot = Some(value.0);
                 }
                 None if key == "record" => {
@@ -232,7 +247,9 @@ mod tests {
     const GOOD: &str = r#"{"id":"e1","account":"acme","type":"company","action":"created","record_id":"r1","occurred_at":"2026-01-02T03:04:05+02:00","record":{"name":"Acme"},"extra":[1,2]}"#;
 
     fn reason(body: &str) -> String {
-        parse(body.as_bytes(), 1 << 20).expect_err("should be invalid").0
+        parse(body.as_bytes(), 1 << 20)
+            .expect_err("should be invalid")
+            .0
     }
 
     #[test]
@@ -257,7 +274,10 @@ mod tests {
     fn lengths_count_characters() {
         let id: String = "é".repeat(128);
         let body = GOOD.replace("\"e1\"", &format!("\"{id}\""));
-        assert!(parse(body.as_bytes(), 1 << 20).is_ok(), "128 two-byte characters are allowed");
+        assert!(
+            parse(body.as_bytes(), 1 << 20).is_ok(),
+            "128 two-byte characters are allowed"
+        );
         let body = GOOD.replace("\"e1\"", &format!("\"{id}x\""));
         assert!(reason(&body).contains("`id`"));
     }
@@ -272,12 +292,21 @@ mod tests {
             (&GOOD.replace("\"company\"", "\"person\""), "`type`"),
             (&GOOD.replace("\"created\"", "\"deleted\""), "`action`"),
             (&GOOD.replace("\"r1\"", "\"\""), "`record_id`"),
-            (&GOOD.replace("2026-01-02T03:04:05+02:00", "yesterday"), "occurred_at"),
+            (
+                &GOOD.replace("2026-01-02T03:04:05+02:00", "yesterday"),
+                "occurred_at",
+            ),
             (&GOOD.replace("{\"name\":\"Acme\"}", "[1]"), "record"),
-            (&GOOD.replace(",\"record\":{\"name\":\"Acme\"}", ""), "missing field `record`"),
+            (
+                &GOOD.replace(",\"record\":{\"name\":\"Acme\"}", ""),
+                "missing field `record`",
+            ),
             (&GOOD.replace("\"id\":\"e1\"", "\"id\":7"), "field `id`"),
             (&GOOD.replace("\"extra\"", "\"id\""), "duplicate field `id`"),
-            (&GOOD.replace("\"extra\"", "\"record\""), "duplicate field `record`"),
+            (
+                &GOOD.replace("\"extra\"", "\"record\""),
+                "duplicate field `record`",
+            ),
             (&format!("{GOOD} {{}}"), "trailing"),
         ];
         for (body, expected) in cases {

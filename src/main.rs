@@ -16,7 +16,10 @@ const CONFIG_ERROR: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let code = runtime.block_on(dispatch(cli));
     // Don't wait for stray blocking tasks (stdin readers) on the way out.
     runtime.shutdown_background();
@@ -56,7 +59,10 @@ async fn run_command(cli: Cli) -> Result<(), u8> {
             tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %settings.source.display(), accounts = settings.accounts.len(), "courier starting");
             let shutdown = CancellationToken::new();
             tokio::spawn(on_signal(shutdown.clone()));
-            worker::Worker::new(settings).run(shutdown).await.map_err(|e| fail(&e))?;
+            worker::Worker::new(settings)
+                .run(shutdown)
+                .await
+                .map_err(|e| fail(&e))?;
             tracing::info!("courier stopped");
         }
         Command::Publish { file, skip_invalid } => {
@@ -64,27 +70,41 @@ async fn run_command(cli: Cli) -> Result<(), u8> {
             telemetry::init(&settings.log.level, settings.log.format);
             let input: Box<dyn BufRead + Send> = match file.as_deref() {
                 None => Box::new(std::io::BufReader::new(std::io::stdin())),
-                Some(path) if path.as_os_str() == "-" => Box::new(std::io::BufReader::new(std::io::stdin())),
-                Some(path) => Box::new(std::io::BufReader::new(std::fs::File::open(path).map_err(|e| {
-                    eprintln!("courier: cannot open {}: {e}", path.display());
-                    RUNTIME_FAILURE
-                })?)),
+                Some(path) if path.as_os_str() == "-" => {
+                    Box::new(std::io::BufReader::new(std::io::stdin()))
+                }
+                Some(path) => Box::new(std::io::BufReader::new(
+                    std::fs::File::open(path).map_err(|e| {
+                        eprintln!("courier: cannot open {}: {e}", path.display());
+                        RUNTIME_FAILURE
+                    })?,
+                )),
             };
-            let summary =
-                commands::publish::publish(&settings, input, *skip_invalid).await.map_err(|e| fail(&e))?;
+            let summary = commands::publish::publish(&settings, input, *skip_invalid)
+                .await
+                .map_err(|e| fail(&e))?;
             for line in &summary.report {
                 eprintln!("skipped {line}");
             }
-            println!("published {} event(s), skipped {} invalid line(s)", summary.published, summary.skipped);
+            println!(
+                "published {} event(s), skipped {} invalid line(s)",
+                summary.published, summary.skipped
+            );
         }
-        Command::Receive { listen, secret, header } => {
+        Command::Receive {
+            listen,
+            secret,
+            header,
+        } => {
             telemetry::init("info", LogFormat::Text);
             let stop = CancellationToken::new();
             tokio::spawn(on_signal(stop.clone()));
-            commands::receive::run(*listen, secret.clone(), header.clone(), stop).await.map_err(|e| {
-                eprintln!("courier receive: {e}");
-                RUNTIME_FAILURE
-            })?;
+            commands::receive::run(*listen, secret.clone(), header.clone(), stop)
+                .await
+                .map_err(|e| {
+                    eprintln!("courier receive: {e}");
+                    RUNTIME_FAILURE
+                })?;
         }
     }
     Ok(())

@@ -22,7 +22,7 @@ pub enum RequestOutcome {
 /// The metrics, registered in their own registry.
 pub struct Metrics {
     registry: Registry,
-    /// Events taken from the delivery queue and parsed as valid.
+    /// Valid events of configured accounts taken from the delivery queue (skipped ones included).
     events_consumed: IntCounterVec,
     /// Events acknowledged after a 2xx.
     events_delivered: IntCounterVec,
@@ -60,19 +60,32 @@ pub struct Metrics {
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    registry.register(Box::new(metric.clone())).expect("unique metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
     metric
 }
 
-fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
-    let metric = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("valid metric");
-    registry.register(Box::new(metric.clone())).expect("unique metric");
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> HistogramVec {
+    let metric = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
     metric
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let metric = IntGauge::new(name, help).expect("valid metric");
-    registry.register(Box::new(metric.clone())).expect("unique metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
     metric
 }
 
@@ -88,22 +101,39 @@ impl Metrics {
         let r = Registry::new();
         let at = &["account", "type"];
         let lag_buckets = vec![
-            0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0,
-            7200.0, 21600.0, 43200.0, 86400.0, 172800.0,
+            0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+            1800.0, 3600.0, 7200.0, 21600.0, 43200.0, 86400.0, 172800.0,
         ];
         let circuit_open = IntGaugeVec::new(
-            Opts::new("courier_circuit_open", "1 while the destination's circuit is open"),
+            Opts::new(
+                "courier_circuit_open",
+                "1 while the destination's circuit is open",
+            ),
             at,
         )
         .expect("valid metric");
-        r.register(Box::new(circuit_open.clone())).expect("unique metric");
-        let broker_reconnects =
-            IntCounter::new("courier_broker_reconnects_total", "Reconnections after a lost broker connection")
-                .expect("valid metric");
-        r.register(Box::new(broker_reconnects.clone())).expect("unique metric");
+        r.register(Box::new(circuit_open.clone()))
+            .expect("unique metric");
+        let broker_reconnects = IntCounter::new(
+            "courier_broker_reconnects_total",
+            "Reconnections after a lost broker connection",
+        )
+        .expect("valid metric");
+        r.register(Box::new(broker_reconnects.clone()))
+            .expect("unique metric");
         Self {
-            events_consumed: counter(&r, "courier_events_consumed_total", "Valid events consumed", at),
-            events_delivered: counter(&r, "courier_events_delivered_total", "Events delivered with a 2xx", at),
+            events_consumed: counter(
+                &r,
+                "courier_events_consumed_total",
+                "Valid events consumed",
+                at,
+            ),
+            events_delivered: counter(
+                &r,
+                "courier_events_delivered_total",
+                "Events delivered with a 2xx",
+                at,
+            ),
             events_skipped: counter(
                 &r,
                 "courier_events_skipped_total",
@@ -122,7 +152,12 @@ impl Metrics {
                 "Events confirmed into the dead-letter queue",
                 &["account", "type", "reason"],
             ),
-            requests: counter(&r, "courier_requests_total", "HTTP requests by outcome", &["account", "type", "outcome"]),
+            requests: counter(
+                &r,
+                "courier_requests_total",
+                "HTTP requests by outcome",
+                &["account", "type", "outcome"],
+            ),
             request_duration: histogram(
                 &r,
                 "courier_request_duration_seconds",
@@ -143,7 +178,12 @@ impl Metrics {
                 "Batches flushed, by reason",
                 &["account", "type", "reason"],
             ),
-            batch_splits: counter(&r, "courier_batch_splits_total", "Extra requests spent isolating rejections", at),
+            batch_splits: counter(
+                &r,
+                "courier_batch_splits_total",
+                "Extra requests spent isolating rejections",
+                at,
+            ),
             delivery_lag: histogram(
                 &r,
                 "courier_delivery_lag_seconds",
@@ -151,11 +191,20 @@ impl Metrics {
                 &["type"],
                 lag_buckets,
             ),
-            config_reloads: counter(&r, "courier_config_reloads_total", "Configuration reloads", &["result"]),
+            config_reloads: counter(
+                &r,
+                "courier_config_reloads_total",
+                "Configuration reloads",
+                &["result"],
+            ),
             buffered_events: gauge(&r, "courier_buffered_events", "Events held in open batches"),
             inflight_requests: gauge(&r, "courier_inflight_requests", "HTTP requests in flight"),
             circuit_open,
-            broker_connected: gauge(&r, "courier_broker_connected", "1 while connected to the broker"),
+            broker_connected: gauge(
+                &r,
+                "courier_broker_connected",
+                "1 while connected to the broker",
+            ),
             broker_reconnects,
             registry: r,
         }
@@ -164,56 +213,88 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding");
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding");
         String::from_utf8(buf).expect("prometheus text is UTF-8")
     }
 
     pub fn event_consumed(&self, account: &str, kind: RecordType) {
-        self.events_consumed.with_label_values(&[account, kind.as_str()]).inc();
+        self.events_consumed
+            .with_label_values(&[account, kind.as_str()])
+            .inc();
     }
 
     pub fn events_delivered(&self, account: &str, kind: RecordType, n: usize) {
-        self.events_delivered.with_label_values(&[account, kind.as_str()]).inc_by(n as u64);
+        self.events_delivered
+            .with_label_values(&[account, kind.as_str()])
+            .inc_by(n as u64);
     }
 
     pub fn event_skipped(&self, account: &str, kind: RecordType, reason: &str) {
-        self.events_skipped.with_label_values(&[account, kind.as_str(), reason]).inc();
+        self.events_skipped
+            .with_label_values(&[account, kind.as_str(), reason])
+            .inc();
     }
 
     pub fn events_retried(&self, account: &str, kind: RecordType, stage: &str, n: usize) {
-        self.events_retried.with_label_values(&[account, kind.as_str(), stage]).inc_by(n as u64);
+        self.events_retried
+            .with_label_values(&[account, kind.as_str(), stage])
+            .inc_by(n as u64);
     }
 
     /// `account`/`kind` are empty for events too broken to name them.
     pub fn event_dead_lettered(&self, account: &str, kind: &str, reason: &str) {
-        self.events_dead_lettered.with_label_values(&[account, kind, reason]).inc();
+        self.events_dead_lettered
+            .with_label_values(&[account, kind, reason])
+            .inc();
     }
 
-    pub fn request(&self, account: &str, kind: RecordType, outcome: RequestOutcome, elapsed: Duration) {
+    pub fn request(
+        &self,
+        account: &str,
+        kind: RecordType,
+        outcome: RequestOutcome,
+        elapsed: Duration,
+    ) {
         let label = match outcome {
             RequestOutcome::Success => "success",
             RequestOutcome::Rejected => "rejected",
             RequestOutcome::Retryable => "retryable",
         };
-        self.requests.with_label_values(&[account, kind.as_str(), label]).inc();
-        self.request_duration.with_label_values(&[account, kind.as_str()]).observe(elapsed.as_secs_f64());
+        self.requests
+            .with_label_values(&[account, kind.as_str(), label])
+            .inc();
+        self.request_duration
+            .with_label_values(&[account, kind.as_str()])
+            .observe(elapsed.as_secs_f64());
     }
 
     pub fn batch_flushed(&self, account: &str, kind: RecordType, size: usize, reason: FlushReason) {
-        self.batch_size.with_label_values(&[account, kind.as_str()]).observe(size as f64);
-        self.batches_flushed.with_label_values(&[account, kind.as_str(), reason.as_str()]).inc();
+        self.batch_size
+            .with_label_values(&[account, kind.as_str()])
+            .observe(size as f64);
+        self.batches_flushed
+            .with_label_values(&[account, kind.as_str(), reason.as_str()])
+            .inc();
     }
 
     pub fn batch_split(&self, account: &str, kind: RecordType) {
-        self.batch_splits.with_label_values(&[account, kind.as_str()]).inc();
+        self.batch_splits
+            .with_label_values(&[account, kind.as_str()])
+            .inc();
     }
 
     pub fn delivery_lag(&self, kind: RecordType, lag: Duration) {
-        self.delivery_lag.with_label_values(&[kind.as_str()]).observe(lag.as_secs_f64());
+        self.delivery_lag
+            .with_label_values(&[kind.as_str()])
+            .observe(lag.as_secs_f64());
     }
 
     pub fn config_reload(&self, ok: bool) {
-        self.config_reloads.with_label_values(&[if ok { "ok" } else { "error" }]).inc();
+        self.config_reloads
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
     }
 
     pub fn set_buffered(&self, n: usize) {
@@ -225,7 +306,9 @@ impl Metrics {
     }
 
     pub fn set_circuit_open(&self, account: &str, kind: RecordType, open: bool) {
-        self.circuit_open.with_label_values(&[account, kind.as_str()]).set(open as i64);
+        self.circuit_open
+            .with_label_values(&[account, kind.as_str()])
+            .set(open as i64);
     }
 
     pub fn set_broker_connected(&self, connected: bool) {
@@ -250,7 +333,12 @@ mod tests {
         m.event_skipped("a", RecordType::Contact, "contacts_disabled");
         m.events_retried("a", RecordType::Company, "immediate", 1);
         m.event_dead_lettered("a", "company", "invalid_event");
-        m.request("a", RecordType::Company, RequestOutcome::Success, Duration::from_millis(3));
+        m.request(
+            "a",
+            RecordType::Company,
+            RequestOutcome::Success,
+            Duration::from_millis(3),
+        );
         m.batch_flushed("a", RecordType::Company, 3, FlushReason::Size);
         m.batch_split("a", RecordType::Company);
         m.delivery_lag(RecordType::Company, Duration::from_secs(1));
@@ -279,9 +367,13 @@ mod tests {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
         }
         for bucket in ["1", "2", "5", "10", "20", "50", "100", "150", "200"] {
-            assert!(text.contains(&format!("courier_batch_size_bucket{{account=\"a\",type=\"company\",le=\"{bucket}\"}}")));
+            assert!(text.contains(&format!(
+                "courier_batch_size_bucket{{account=\"a\",type=\"company\",le=\"{bucket}\"}}"
+            )));
         }
         assert!(text.contains("courier_delivery_lag_seconds_bucket{type=\"company\",le=\"0.01\"}"));
-        assert!(text.contains("courier_delivery_lag_seconds_bucket{type=\"company\",le=\"172800\"}"));
+        assert!(
+            text.contains("courier_delivery_lag_seconds_bucket{type=\"company\",le=\"172800\"}")
+        );
     }
 }

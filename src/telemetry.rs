@@ -7,17 +7,33 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
-const CAPPED: &[&str] = &["lapin", "amq_protocol", "reqwest", "hyper", "hyper_util", "h2", "rustls", "axum", "tower"];
+const CAPPED: &[&str] = &[
+    "lapin",
+    "amq_protocol",
+    "reqwest",
+    "hyper",
+    "hyper_util",
+    "h2",
+    "rustls",
+    "axum",
+    "tower",
+];
 
 /// Installs the global subscriber. `RUST_LOG` overrides `level`.
 pub fn init(level: &str, format: LogFormat) {
-    let spec = std::env::var("RUST_LOG").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| level.to_owned());
+    let spec = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| level.to_owned());
     let mut filter = EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info"));
     for target in CAPPED {
         filter = filter.add_directive(format!("{target}=info").parse().expect("valid directive"));
     }
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),

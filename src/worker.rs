@@ -13,7 +13,9 @@ use std::time::{Duration, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Acker, BasicProperties, Connection, Consumer};
 use secrecy::ExposeSecret;
@@ -36,7 +38,10 @@ pub enum RunError {
     #[error(transparent)]
     Broker(#[from] BrokerError),
     #[error("cannot serve the admin endpoints on {addr}: {source}")]
-    Admin { addr: std::net::SocketAddr, source: std::io::Error },
+    Admin {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot build the HTTP client: {0}")]
     Http(#[from] reqwest::Error),
 }
@@ -100,7 +105,11 @@ pub struct Worker {
 impl Worker {
     /// A worker for these settings, with fresh metrics.
     pub fn new(settings: Settings) -> Self {
-        Self { settings: Arc::new(settings), metrics: Arc::new(Metrics::new()), ready: Arc::new(AtomicBool::new(false)) }
+        Self {
+            settings: Arc::new(settings),
+            metrics: Arc::new(Metrics::new()),
+            ready: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     /// The metrics this worker updates.
@@ -121,9 +130,17 @@ impl Worker {
         let admin_stop = CancellationToken::new();
         let listener = tokio::net::TcpListener::bind(settings.admin.listen)
             .await
-            .map_err(|source| RunError::Admin { addr: settings.admin.listen, source })?;
+            .map_err(|source| RunError::Admin {
+                addr: settings.admin.listen,
+                source,
+            })?;
         tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin endpoints up");
-        let admin = tokio::spawn(admin::serve(listener, metrics.clone(), self.ready.clone(), admin_stop.clone()));
+        let admin = tokio::spawn(admin::serve(
+            listener,
+            metrics.clone(),
+            self.ready.clone(),
+            admin_stop.clone(),
+        ));
         let result = self.pipeline(shutdown).await;
         admin_stop.cancel();
         let _ = admin.await;
@@ -134,7 +151,11 @@ impl Worker {
         let settings = self.settings.clone();
         let metrics = self.metrics.clone();
         let sender = Sender::new(&settings.delivery)?;
-        let publisher = Publisher::connect(&settings.broker.urls, &format!("courier publish {}", settings.broker.queue_prefix)).await?;
+        let publisher = Publisher::connect(
+            &settings.broker.urls,
+            &format!("courier publish {}", settings.broker.queue_prefix),
+        )
+        .await?;
         let shared = Arc::new(Shared {
             settings: settings.clone(),
             metrics: metrics.clone(),
@@ -178,8 +199,14 @@ impl Worker {
                         .await;
                     shared.tracker.close();
                     let grace = settings.shutdown_timeout;
-                    if tokio::time::timeout(grace, shared.tracker.wait()).await.is_err() {
-                        tracing::warn!(?grace, "shutdown timeout passed; unsettled messages return to the queue");
+                    if tokio::time::timeout(grace, shared.tracker.wait())
+                        .await
+                        .is_err()
+                    {
+                        tracing::warn!(
+                            ?grace,
+                            "shutdown timeout passed; unsettled messages return to the queue"
+                        );
                     }
                     let _ = session.connection.close(200, "shutting down".into()).await;
                     metrics.set_broker_connected(false);
@@ -220,9 +247,16 @@ struct Session {
 
 async fn open_session(settings: &Settings) -> Result<Session, BrokerError> {
     let broker = &settings.broker;
-    let connection = broker::connect(&broker.urls, &format!("courier consume {}", broker.queue_prefix)).await?;
+    let connection = broker::connect(
+        &broker.urls,
+        &format!("courier consume {}", broker.queue_prefix),
+    )
+    .await?;
     broker::declare(&connection, broker, &settings.retry.schedule).await?;
-    let channel = connection.create_channel().await.map_err(BrokerError::amqp("opening the consume channel"))?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(BrokerError::amqp("opening the consume channel"))?;
     channel
         .basic_qos(broker.prefetch, BasicQosOptions::default())
         .await
@@ -236,8 +270,16 @@ async fn open_session(settings: &Settings) -> Result<Session, BrokerError> {
             FieldTable::default(),
         )
         .await
-        .map_err(BrokerError::amqp(format!("consuming from {}", broker.deliver_queue())))?;
-    Ok(Session { connection, channel, consumer, tag })
+        .map_err(BrokerError::amqp(format!(
+            "consuming from {}",
+            broker.deliver_queue()
+        )))?;
+    Ok(Session {
+        connection,
+        channel,
+        consumer,
+        tag,
+    })
 }
 
 enum Ended {
@@ -260,9 +302,18 @@ async fn consume(
     let mut dispatch = |flushed: Flushed<Key, Arc<Account>, Pending>| {
         let destination = destinations
             .entry(flushed.key.clone())
-            .or_insert_with(|| Arc::new(Semaphore::new(settings.delivery.max_inflight_per_destination)))
+            .or_insert_with(|| {
+                Arc::new(Semaphore::new(
+                    settings.delivery.max_inflight_per_destination,
+                ))
+            })
             .clone();
-        shared.metrics.batch_flushed(&flushed.key.0, flushed.key.1, flushed.items.len(), flushed.reason);
+        shared.metrics.batch_flushed(
+            &flushed.key.0,
+            flushed.key.1,
+            flushed.items.len(),
+            flushed.reason,
+        );
         let batch = Batch {
             account: flushed.ctx,
             kind: flushed.key.1,
@@ -330,11 +381,30 @@ async fn route(
     window: &Window,
 ) -> Option<(Key, Arc<Account>, Pending)> {
     let settings = &shared.settings;
-    let lapin::message::Delivery { data, properties, acker, .. } = delivery;
-    let first_seen = header_time(&properties, "x-courier-first-seen").unwrap_or_else(SystemTime::now);
-    let parsed = event::parse(&data, settings.broker.max_event_bytes)
-        .map(|e| (e.id.into_owned(), e.account.into_owned(), e.kind, e.occurred_at));
-    let pending = |id: String, lag_from| Pending { body: data, id, lag_from, first_seen, properties, acker };
+    let lapin::message::Delivery {
+        data,
+        properties,
+        acker,
+        ..
+    } = delivery;
+    let first_seen =
+        header_time(&properties, "x-courier-first-seen").unwrap_or_else(SystemTime::now);
+    let parsed = event::parse(&data, settings.broker.max_event_bytes).map(|e| {
+        (
+            e.id.into_owned(),
+            e.account.into_owned(),
+            e.kind,
+            e.occurred_at,
+        )
+    });
+    let pending = |id: String, lag_from| Pending {
+        body: data,
+        id,
+        lag_from,
+        first_seen,
+        properties,
+        acker,
+    };
     match parsed {
         Err(invalid) => {
             let item = pending(String::new(), first_seen);
@@ -367,12 +437,14 @@ async fn route(
                 spawn_dead_letter(shared, item, dead, window);
                 return None;
             };
+            shared.metrics.event_consumed(&account.id, kind);
             if account.url(kind).is_none() {
-                shared.metrics.event_skipped(&account.id, kind, "contacts_disabled");
+                shared
+                    .metrics
+                    .event_skipped(&account.id, kind, "contacts_disabled");
                 settle(item, true, window).await;
                 return None;
             }
-            shared.metrics.event_consumed(&account.id, kind);
             Some(((account.id.clone(), kind), account.clone(), item))
         }
     }
@@ -388,7 +460,14 @@ fn spawn_dead_letter(shared: &Arc<Shared>, item: Pending, dead: DeadLetter<'_>, 
     let status = dead.status;
     let destination = dead.destination.clone();
     shared.tracker.spawn(async move {
-        let dead = DeadLetter { reason, account: &account, kind: &kind, status, error: &error, destination };
+        let dead = DeadLetter {
+            reason,
+            account: &account,
+            kind: &kind,
+            status,
+            error: &error,
+            destination,
+        };
         dead_letter(&shared2, item, &dead, &window).await;
     });
 }
@@ -398,7 +477,12 @@ async fn settle(item: Pending, ack: bool, window: &Window) {
     let result = if ack {
         item.acker.ack(BasicAckOptions::default()).await
     } else {
-        item.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await
+        item.acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
     };
     if let Err(e) = result {
         // The channel died: the broker redelivers the message.
@@ -415,10 +499,20 @@ fn spawn_delivery(shared: &Arc<Shared>, batch: Batch) {
 /// Delivers one batch: immediate attempts with backoff, then settle.
 async fn deliver(shared: Arc<Shared>, batch: Batch) {
     let settings = &shared.settings;
-    let Batch { account, kind, limits, items, window, destination } = batch;
+    let Batch {
+        account,
+        kind,
+        limits,
+        items,
+        window,
+        destination,
+    } = batch;
     let url = account.url(kind).expect("only routable events are batched");
     let body = encode_body(limits.batch_size, items.iter().map(|p| p.body.as_slice()));
-    let signature = account.hmac_secret.as_ref().map(|s| sign::signature(s.expose_secret().as_bytes(), &body));
+    let signature = account
+        .hmac_secret
+        .as_ref()
+        .map(|s| sign::signature(s.expose_secret().as_bytes(), &body));
     let delivery_id = sign::delivery_id(items.iter().map(|p| p.id.as_str()));
     let retry = &settings.retry;
     let mut backoff = ExponentialBuilder::default()
@@ -452,17 +546,26 @@ async fn deliver(shared: Arc<Shared>, batch: Batch) {
                 Outcome::Rejected { .. } => RequestOutcome::Rejected,
                 Outcome::Retryable { .. } => RequestOutcome::Retryable,
             };
-            shared.metrics.request(&account.id, kind, label, started.elapsed());
+            shared
+                .metrics
+                .request(&account.id, kind, label, started.elapsed());
             outcome
         };
         match outcome {
             Outcome::Delivered { .. } => {
                 let now = SystemTime::now();
                 for item in &items {
-                    shared.metrics.delivery_lag(kind, now.duration_since(item.lag_from).unwrap_or_default());
+                    shared
+                        .metrics
+                        .delivery_lag(kind, now.duration_since(item.lag_from).unwrap_or_default());
                 }
-                shared.metrics.events_delivered(&account.id, kind, items.len());
-                futures_util::future::join_all(items.into_iter().map(|item| settle(item, true, &window))).await;
+                shared
+                    .metrics
+                    .events_delivered(&account.id, kind, items.len());
+                futures_util::future::join_all(
+                    items.into_iter().map(|item| settle(item, true, &window)),
+                )
+                .await;
                 return;
             }
             Outcome::Rejected { status } if items.len() > 1 => {
@@ -499,7 +602,11 @@ async fn deliver(shared: Arc<Shared>, batch: Batch) {
                 }
                 return;
             }
-            Outcome::Retryable { status, error, retry_after } => {
+            Outcome::Retryable {
+                status,
+                error,
+                retry_after,
+            } => {
                 tracing::debug!(account = %account.id, %kind, attempt, ?status, %error, "attempt failed");
                 if attempt >= retry.immediate_attempts {
                     break (status, error);
@@ -508,9 +615,14 @@ async fn deliver(shared: Arc<Shared>, batch: Batch) {
                     Some(wait) if wait <= retry.max_interval => wait,
                     // Longer than the immediate stage allows: it belongs to a scheduled tier.
                     Some(_) => break (status, error),
-                    None => backoff.next().unwrap_or(retry.max_interval).min(retry.max_interval),
+                    None => backoff
+                        .next()
+                        .unwrap_or(retry.max_interval)
+                        .min(retry.max_interval),
                 };
-                shared.metrics.events_retried(&account.id, kind, "immediate", items.len());
+                shared
+                    .metrics
+                    .events_retried(&account.id, kind, "immediate", items.len());
                 tokio::time::sleep(delay).await;
                 attempt += 1;
             }
@@ -527,7 +639,12 @@ async fn deliver(shared: Arc<Shared>, batch: Batch) {
         error: &error,
         destination: Some(redact_url(url)),
     };
-    futures_util::future::join_all(items.into_iter().map(|item| dead_letter(&shared, item, &dead, &window))).await;
+    futures_util::future::join_all(
+        items
+            .into_iter()
+            .map(|item| dead_letter(&shared, item, &dead, &window)),
+    )
+    .await;
 }
 
 fn long_string(s: &str) -> AMQPValue {
@@ -542,7 +659,9 @@ fn header_time(properties: &BasicProperties, name: &str) -> Option<SystemTime> {
     match properties.headers().as_ref()?.inner().get(name)? {
         AMQPValue::LongString(s) => {
             let text = std::str::from_utf8(s.as_bytes()).ok()?;
-            chrono::DateTime::parse_from_rfc3339(text).ok().map(SystemTime::from)
+            chrono::DateTime::parse_from_rfc3339(text)
+                .ok()
+                .map(SystemTime::from)
         }
         _ => None,
     }
@@ -583,11 +702,23 @@ async fn dead_letter(shared: &Shared, item: Pending, dead: &DeadLetter<'_>, wind
     headers.insert("x-courier-reason".into(), long_string(&dead.reason));
     headers.insert("x-courier-retries".into(), AMQPValue::LongLongInt(retries));
     if let Some(status) = dead.status {
-        headers.insert("x-courier-last-status".into(), AMQPValue::LongLongInt(status.into()));
+        headers.insert(
+            "x-courier-last-status".into(),
+            AMQPValue::LongLongInt(status.into()),
+        );
     }
-    headers.insert("x-courier-last-error".into(), long_string(truncate(dead.error, 1024)));
-    headers.insert("x-courier-first-failure".into(), long_string(&rfc3339(first_failure)));
-    headers.insert("x-courier-first-seen".into(), long_string(&rfc3339(item.first_seen)));
+    headers.insert(
+        "x-courier-last-error".into(),
+        long_string(truncate(dead.error, 1024)),
+    );
+    headers.insert(
+        "x-courier-first-failure".into(),
+        long_string(&rfc3339(first_failure)),
+    );
+    headers.insert(
+        "x-courier-first-seen".into(),
+        long_string(&rfc3339(item.first_seen)),
+    );
     headers.insert("x-courier-dead-at".into(), long_string(&rfc3339(now)));
     if let Some(destination) = &dead.destination {
         headers.insert("x-courier-destination".into(), long_string(destination));
@@ -603,9 +734,15 @@ async fn dead_letter(shared: &Shared, item: Pending, dead: &DeadLetter<'_>, wind
         properties = properties.with_timestamp(*ts);
     }
     let queue = shared.settings.broker.dead_queue();
-    match shared.publisher.publish("", &queue, &item.body, properties).await {
+    match shared
+        .publisher
+        .publish("", &queue, &item.body, properties)
+        .await
+    {
         Ok(()) => {
-            shared.metrics.event_dead_lettered(dead.account, dead.kind, &dead.reason);
+            shared
+                .metrics
+                .event_dead_lettered(dead.account, dead.kind, &dead.reason);
             settle(item, true, window).await;
         }
         Err(e) => {

@@ -32,7 +32,11 @@ pub enum BrokerError {
         "queue {queue} already exists with a different {argument}; the broker cannot change queue \
          arguments in place (see docs/operations.md, \"Migrating a queue\"): {detail}"
     )]
-    QueueMismatch { queue: String, argument: String, detail: String },
+    QueueMismatch {
+        queue: String,
+        argument: String,
+        detail: String,
+    },
     /// Any other AMQP failure.
     #[error("{context}: {source}")]
     Amqp {
@@ -51,7 +55,10 @@ impl BrokerError {
 
     /// Errors that no retry can fix: exit instead of reconnecting.
     pub fn is_fatal(&self) -> bool {
-        matches!(self, BrokerError::TooOld { .. } | BrokerError::QueueMismatch { .. })
+        matches!(
+            self,
+            BrokerError::TooOld { .. } | BrokerError::QueueMismatch { .. }
+        )
     }
 }
 
@@ -69,7 +76,11 @@ pub async fn connect(urls: &[BrokerUrl], name: &str) -> Result<Connection, Broke
             }
         }
     }
-    let nodes = urls.iter().map(|u| u.display.as_str()).collect::<Vec<_>>().join(", ");
+    let nodes = urls
+        .iter()
+        .map(|u| u.display.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
     Err(BrokerError::Connect { nodes, last })
 }
 
@@ -78,10 +89,19 @@ async fn connect_one(url: &BrokerUrl, name: &str) -> Result<Connection, BrokerEr
         tracing::debug!(node = %url.display, %version, "broker version");
     }
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    let conn = tokio::time::timeout(Duration::from_secs(15), Connection::connect(url.expose(), props))
-        .await
-        .map_err(|_| BrokerError::Connect { nodes: url.display.clone(), last: "timed out".into() })?
-        .map_err(|e| BrokerError::Connect { nodes: url.display.clone(), last: e.to_string() })?;
+    let conn = tokio::time::timeout(
+        Duration::from_secs(15),
+        Connection::connect(url.expose(), props),
+    )
+    .await
+    .map_err(|_| BrokerError::Connect {
+        nodes: url.display.clone(),
+        last: "timed out".into(),
+    })?
+    .map_err(|e| BrokerError::Connect {
+        nodes: url.display.clone(),
+        last: e.to_string(),
+    })?;
     Ok(conn)
 }
 
@@ -92,10 +112,16 @@ async fn probe_version(url: &BrokerUrl) -> Result<Option<String>, BrokerError> {
     if parsed.scheme() != "amqp" {
         return Ok(None);
     }
-    let host = parsed.host_str().unwrap_or("127.0.0.1").trim_matches(['[', ']']).to_owned();
+    let host = parsed
+        .host_str()
+        .unwrap_or("127.0.0.1")
+        .trim_matches(['[', ']'])
+        .to_owned();
     let port = parsed.port().unwrap_or(5672);
-    let unreachable =
-        |e: String| BrokerError::Connect { nodes: url.display.clone(), last: e };
+    let unreachable = |e: String| BrokerError::Connect {
+        nodes: url.display.clone(),
+        last: e,
+    };
     let read = async {
         let mut stream = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
         stream.write_all(b"AMQP\x00\x00\x09\x01").await?;
@@ -117,7 +143,10 @@ async fn probe_version(url: &BrokerUrl) -> Result<Option<String>, BrokerError> {
         .map_err(|_| unreachable("timed out reading the server greeting".into()))?
         .map_err(|e| unreachable(e.to_string()))?;
     if !version_at_least(&version, MIN_VERSION) {
-        return Err(BrokerError::TooOld { node: url.display.clone(), version });
+        return Err(BrokerError::TooOld {
+            node: url.display.clone(),
+            version,
+        });
     }
     Ok(Some(version))
 }
@@ -140,7 +169,9 @@ fn server_version(buf: &[u8]) -> std::io::Result<Option<String>> {
         .map_err(|_| std::io::Error::other("not an AMQP 0-9-1 broker"))?
         .1;
     let AMQPFrame::Method(_, AMQPClass::Connection(AMQPMethod::Start(start))) = frame else {
-        return Err(std::io::Error::other("unexpected first frame from the broker"));
+        return Err(std::io::Error::other(
+            "unexpected first frame from the broker",
+        ));
     };
     let version = match start.server_properties.inner().get("version") {
         Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
@@ -153,9 +184,14 @@ fn server_version(buf: &[u8]) -> std::io::Result<Option<String>> {
 /// Compares a dotted version with `(major, minor)`; an unparsable version passes
 /// (the topology declaration then fails loudly on a broker that lacks a feature).
 fn version_at_least(version: &str, min: (u32, u32)) -> bool {
-    let mut parts = version.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty());
+    let mut parts = version
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty());
     let major = parts.next().and_then(|p| p.parse::<u32>().ok());
-    let minor = parts.next().and_then(|p| p.parse::<u32>().ok()).unwrap_or(0);
+    let minor = parts
+        .next()
+        .and_then(|p| p.parse::<u32>().ok())
+        .unwrap_or(0);
     match major {
         Some(major) => (major, minor) >= min,
         None => true,

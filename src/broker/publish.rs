@@ -34,7 +34,11 @@ pub struct Publisher {
 impl Publisher {
     /// Opens the publishing connection now, so a broken broker shows at start-up.
     pub async fn connect(urls: &[BrokerUrl], name: &str) -> Result<Self, BrokerError> {
-        let publisher = Self { urls: urls.to_vec(), name: name.to_owned(), state: Mutex::new(None) };
+        let publisher = Self {
+            urls: urls.to_vec(),
+            name: name.to_owned(),
+            state: Mutex::new(None),
+        };
         publisher.channel().await?;
         Ok(publisher)
     }
@@ -51,7 +55,10 @@ impl Publisher {
             let _ = conn.close(200, "reconnecting".into()).await;
         }
         let conn = connect(&self.urls, &self.name).await?;
-        let channel = conn.create_channel().await.map_err(BrokerError::amqp("opening the publish channel"))?;
+        let channel = conn
+            .create_channel()
+            .await
+            .map_err(BrokerError::amqp("opening the publish channel"))?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
@@ -73,7 +80,10 @@ impl Publisher {
             .basic_publish(
                 exchange.into(),
                 routing_key.into(),
-                BasicPublishOptions { mandatory: true, ..Default::default() },
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
                 body,
                 properties,
             )
@@ -104,7 +114,10 @@ impl Publisher {
         let mut delay = Duration::from_millis(100);
         let mut attempt = 1;
         loop {
-            match self.publish_once(exchange, routing_key, body, properties.clone()).await {
+            match self
+                .publish_once(exchange, routing_key, body, properties.clone())
+                .await
+            {
                 Ok(()) => return Ok(()),
                 Err(PublishError::Broker(e)) if attempt < 4 && !e.is_fatal() => {
                     tracing::warn!(error = %e, attempt, "publish failed; reconnecting");
@@ -147,10 +160,20 @@ mod tests {
     #[test]
     fn history_headers_are_dropped() {
         let mut t = FieldTable::default();
-        for k in ["x-death", "x-first-death-queue", "x-last-death-reason", "x-delivery-count", "x-courier-retries", "trace"] {
+        for k in [
+            "x-death",
+            "x-first-death-queue",
+            "x-last-death-reason",
+            "x-delivery-count",
+            "x-courier-retries",
+            "trace",
+        ] {
             t.insert(k.into(), AMQPValue::Boolean(true));
         }
-        let kept: Vec<String> = history_free_headers(Some(&t)).keys().map(|k| k.to_string()).collect();
+        let kept: Vec<String> = history_free_headers(Some(&t))
+            .keys()
+            .map(|k| k.to_string())
+            .collect();
         assert_eq!(kept, vec!["trace", "x-courier-retries"]);
     }
 }

@@ -31,11 +31,17 @@ pub fn queues(broker: &BrokerSettings, schedule: &[std::time::Duration]) -> Vec<
     };
     let deliver = broker.deliver_queue();
     let mut specs = vec![
-        QueueSpec { name: broker.dead_queue(), arguments: quorum(&[]) },
+        QueueSpec {
+            name: broker.dead_queue(),
+            arguments: quorum(&[]),
+        },
         QueueSpec {
             name: deliver.clone(),
             arguments: quorum(&[
-                ("x-delivery-limit", AMQPValue::LongLongInt(broker.delivery_limit.into())),
+                (
+                    "x-delivery-limit",
+                    AMQPValue::LongLongInt(broker.delivery_limit.into()),
+                ),
                 ("x-dead-letter-exchange", string("")),
                 ("x-dead-letter-routing-key", string(&broker.dead_queue())),
                 ("x-dead-letter-strategy", string("at-least-once")),
@@ -47,7 +53,10 @@ pub fn queues(broker: &BrokerSettings, schedule: &[std::time::Duration]) -> Vec<
         specs.push(QueueSpec {
             name: broker.retry_queue(*delay),
             arguments: quorum(&[
-                ("x-message-ttl", AMQPValue::LongLongInt(delay.as_millis() as i64)),
+                (
+                    "x-message-ttl",
+                    AMQPValue::LongLongInt(delay.as_millis() as i64),
+                ),
                 ("x-dead-letter-exchange", string("")),
                 ("x-dead-letter-routing-key", string(&deliver)),
                 ("x-dead-letter-strategy", string("at-least-once")),
@@ -66,21 +75,33 @@ pub async fn declare(
     schedule: &[std::time::Duration],
 ) -> Result<(), BrokerError> {
     // A refused declaration closes its channel: use one of its own.
-    let channel = conn.create_channel().await.map_err(BrokerError::amqp("opening a channel"))?;
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(BrokerError::amqp("opening a channel"))?;
     channel
         .exchange_declare(
             broker.exchange.as_str().into(),
             ExchangeKind::Topic,
-            ExchangeDeclareOptions { durable: true, ..Default::default() },
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await
-        .map_err(BrokerError::amqp(format!("declaring exchange {}", broker.exchange)))?;
+        .map_err(BrokerError::amqp(format!(
+            "declaring exchange {}",
+            broker.exchange
+        )))?;
     for spec in queues(broker, schedule) {
         channel
             .queue_declare(
                 spec.name.as_str().into(),
-                QueueDeclareOptions { durable: true, ..Default::default() },
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
                 spec.arguments.clone(),
             )
             .await
@@ -110,7 +131,14 @@ fn mismatch_or(error: lapin::Error, queue: &str) -> BrokerError {
             .and_then(|rest| rest.split('\'').next())
             .unwrap_or("arguments")
             .to_owned();
-        return BrokerError::QueueMismatch { queue: queue.to_owned(), argument, detail: text };
+        return BrokerError::QueueMismatch {
+            queue: queue.to_owned(),
+            argument,
+            detail: text,
+        };
     }
-    BrokerError::Amqp { context: format!("declaring queue {queue}"), source: error }
+    BrokerError::Amqp {
+        context: format!("declaring queue {queue}"),
+        source: error,
+    }
 }

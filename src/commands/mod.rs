@@ -10,17 +10,42 @@ use crate::config::{Settings, redact_url};
 pub fn check_summary(settings: &Settings) -> String {
     let mut out = String::new();
     let b = &settings.broker;
-    out.push_str(&format!("configuration {} is valid\n", settings.source.display()));
+    out.push_str(&format!(
+        "configuration {} is valid\n",
+        settings.source.display()
+    ));
     let nodes: Vec<&str> = b.urls.iter().map(|u| u.display.as_str()).collect();
-    out.push_str(&format!("broker: {} (exchange {}, prefetch {})\n", nodes.join(", "), b.exchange, b.prefetch));
-    let tiers: Vec<String> = settings.retry.schedule.iter().map(|d| b.retry_queue(*d)).collect();
-    out.push_str(&format!("queues: {}, {}, {}\n", b.deliver_queue(), b.dead_queue(), tiers.join(", ")));
-    out.push_str(&format!("admin: http://{}/metrics\n", settings.admin.listen));
+    out.push_str(&format!(
+        "broker: {} (exchange {}, prefetch {})\n",
+        nodes.join(", "),
+        b.exchange,
+        b.prefetch
+    ));
+    let tiers: Vec<String> = settings
+        .retry
+        .schedule
+        .iter()
+        .map(|d| b.retry_queue(*d))
+        .collect();
+    out.push_str(&format!(
+        "queues: {}, {}, {}\n",
+        b.deliver_queue(),
+        b.dead_queue(),
+        tiers.join(", ")
+    ));
+    out.push_str(&format!(
+        "admin: http://{}/metrics\n",
+        settings.admin.listen
+    ));
     let mut accounts: Vec<_> = settings.accounts.values().collect();
     accounts.sort_by(|a, b| a.id.cmp(&b.id));
     out.push_str(&format!("accounts: {}\n", accounts.len()));
     for a in accounts {
-        let contacts = a.contacts_url.as_ref().map(redact_url).unwrap_or_else(|| "(not sent)".into());
+        let contacts = a
+            .contacts_url
+            .as_ref()
+            .map(redact_url)
+            .unwrap_or_else(|| "(not sent)".into());
         out.push_str(&format!(
             "  {}: companies {}, contacts {}, batch_size {}, flush_interval {}, {}, {} custom header(s)\n",
             a.id,

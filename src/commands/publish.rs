@@ -44,7 +44,10 @@ struct Line {
 }
 
 /// Reads and validates every line.
-fn read_lines(input: impl BufRead, max_bytes: usize) -> Result<(Vec<Line>, Vec<String>), std::io::Error> {
+fn read_lines(
+    input: impl BufRead,
+    max_bytes: usize,
+) -> Result<(Vec<Line>, Vec<String>), std::io::Error> {
     let mut lines = Vec::new();
     let mut invalid = Vec::new();
     for (index, line) in input.split(b'\n').enumerate() {
@@ -59,7 +62,11 @@ fn read_lines(input: impl BufRead, max_bytes: usize) -> Result<(Vec<Line>, Vec<S
         match event::parse(&body, max_bytes) {
             Ok(e) => {
                 let routing_key = format!("{}.{}", e.account, e.kind);
-                lines.push(Line { number, routing_key, body });
+                lines.push(Line {
+                    number,
+                    routing_key,
+                    body,
+                });
             }
             Err(reason) => invalid.push(format!("line {number}: {reason}")),
         }
@@ -68,18 +75,30 @@ fn read_lines(input: impl BufRead, max_bytes: usize) -> Result<(Vec<Line>, Vec<S
 }
 
 /// Publishes `input` to the configured exchange.
-pub async fn publish(settings: &Settings, input: impl BufRead, skip_invalid: bool) -> Result<Summary, PublishError> {
+pub async fn publish(
+    settings: &Settings,
+    input: impl BufRead,
+    skip_invalid: bool,
+) -> Result<Summary, PublishError> {
     let (lines, invalid) = read_lines(input, settings.broker.max_event_bytes)?;
     if !invalid.is_empty() && !skip_invalid {
-        return Err(PublishError::Invalid { count: invalid.len(), report: invalid.join("\n") });
+        return Err(PublishError::Invalid {
+            count: invalid.len(),
+            report: invalid.join("\n"),
+        });
     }
     let conn = broker::connect(&settings.broker.urls, "courier-publish-cli").await?;
-    let channel = conn.create_channel().await.map_err(BrokerError::amqp("opening a channel"))?;
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(BrokerError::amqp("opening a channel"))?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .map_err(BrokerError::amqp("enabling publisher confirms"))?;
-    let properties = BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
+    let properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into());
     let mut pending = VecDeque::with_capacity(CONFIRM_WINDOW);
     let mut published = 0;
     for line in &lines {
@@ -87,7 +106,10 @@ pub async fn publish(settings: &Settings, input: impl BufRead, skip_invalid: boo
             .basic_publish(
                 settings.broker.exchange.as_str().into(),
                 line.routing_key.as_str().into(),
-                BasicPublishOptions { mandatory: true, ..Default::default() },
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
                 &line.body,
                 properties.clone(),
             )
@@ -103,17 +125,29 @@ pub async fn publish(settings: &Settings, input: impl BufRead, skip_invalid: boo
         published += confirmed(number, confirm.await)?;
     }
     let _ = conn.close(200, "done".into()).await;
-    Ok(Summary { published, skipped: invalid.len(), report: invalid })
+    Ok(Summary {
+        published,
+        skipped: invalid.len(),
+        report: invalid,
+    })
 }
 
 fn confirmed(line: usize, result: lapin::Result<Confirmation>) -> Result<usize, PublishError> {
     match result.map_err(BrokerError::amqp("waiting for a publisher confirm"))? {
         Confirmation::Ack(None) => Ok(1),
-        Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => Err(PublishError::NotConfirmed {
+        Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+            Err(PublishError::NotConfirmed {
+                line,
+                reason: format!(
+                    "returned ({}); is the topology declared? run `courier setup`",
+                    returned.reply_text
+                ),
+            })
+        }
+        Confirmation::Nack(None) => Err(PublishError::NotConfirmed {
             line,
-            reason: format!("returned ({}); is the topology declared? run `courier setup`", returned.reply_text),
+            reason: "nacked".into(),
         }),
-        Confirmation::Nack(None) => Err(PublishError::NotConfirmed { line, reason: "nacked".into() }),
         Confirmation::NotRequested => unreachable!("confirm_select is enabled"),
     }
 }
@@ -132,11 +166,17 @@ mod tests {
             r#"{"id":"3","account":"a","type":"company","action":"deleted","record_id":"r","record":{}}"#,
         );
         let (lines, invalid) = read_lines(input.as_bytes(), 1 << 20).unwrap();
-        assert_eq!(lines.iter().map(|l| l.number).collect::<Vec<_>>(), vec![1, 4]);
+        assert_eq!(
+            lines.iter().map(|l| l.number).collect::<Vec<_>>(),
+            vec![1, 4]
+        );
         assert_eq!(lines[1].routing_key, "a.contact");
         assert!(!lines[1].body.ends_with(b"\r"));
         assert_eq!(invalid.len(), 2);
         assert!(invalid[0].starts_with("line 3: "), "{invalid:?}");
-        assert!(invalid[1].starts_with("line 5: ") && invalid[1].contains("action"), "{invalid:?}");
+        assert!(
+            invalid[1].starts_with("line 5: ") && invalid[1].contains("action"),
+            "{invalid:?}"
+        );
     }
 }

@@ -27,17 +27,32 @@ fn write_config(text: &str) -> PathBuf {
 
 fn courier(args: &[&str]) -> Command {
     let mut cmd = Command::new(BIN);
-    cmd.args(args).env_remove("COURIER_AMQP_URL").env_remove("COURIER_ADMIN_LISTEN").env_remove("RUST_LOG");
+    cmd.args(args)
+        .env_remove("COURIER_AMQP_URL")
+        .env_remove("COURIER_ADMIN_LISTEN")
+        .env_remove("RUST_LOG");
     cmd
 }
 
 fn output(cmd: &mut Command) -> (i32, String, String) {
-    let Output { status, stdout, stderr } = cmd.stdin(Stdio::null()).output().expect("courier runs");
-    (status.code().unwrap_or(-1), String::from_utf8_lossy(&stdout).into_owned(), String::from_utf8_lossy(&stderr).into_owned())
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = cmd.stdin(Stdio::null()).output().expect("courier runs");
+    (
+        status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    )
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 const GOOD: &str = r#"
@@ -50,18 +65,30 @@ companies_url = "https://hooks.example.com/companies"
 
 #[test]
 fn check_accepts_a_good_config_and_hides_secrets() {
-    let path = write_config(&format!("{GOOD}hmac_secret = \"${{IT_SECRET}}\"\nheaders = {{ Authorization = \"Bearer zzz-token\" }}\n"));
-    let (code, stdout, stderr) = output(courier(&["check", "--config", path.to_str().unwrap()]).env("IT_SECRET", "s3cr3t-value"));
+    let path = write_config(&format!(
+        "{GOOD}hmac_secret = \"${{IT_SECRET}}\"\nheaders = {{ Authorization = \"Bearer zzz-token\" }}\n"
+    ));
+    let (code, stdout, stderr) = output(
+        courier(&["check", "--config", path.to_str().unwrap()]).env("IT_SECRET", "s3cr3t-value"),
+    );
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("acme"), "{stdout}");
     assert!(stdout.contains("https://hooks.example.com:443"), "{stdout}");
     for secret in ["s3cr3t-value", "zzz-token", "/companies", "guest:guest"] {
-        assert!(!stdout.contains(secret) && !stderr.contains(secret), "{secret} printed");
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "{secret} printed"
+        );
     }
     // The global option works before the command too, and so does $COURIER_CONFIG.
-    let (code, _, _) = output(courier(&["--config", path.to_str().unwrap(), "check"]).env("IT_SECRET", "x"));
+    let (code, _, _) =
+        output(courier(&["--config", path.to_str().unwrap(), "check"]).env("IT_SECRET", "x"));
     assert_eq!(code, 0);
-    let (code, _, _) = output(courier(&["check"]).env("COURIER_CONFIG", &path).env("IT_SECRET", "x"));
+    let (code, _, _) = output(
+        courier(&["check"])
+            .env("COURIER_CONFIG", &path)
+            .env("IT_SECRET", "x"),
+    );
     assert_eq!(code, 0);
 }
 
@@ -70,27 +97,79 @@ fn config_errors_exit_2_naming_the_key() {
     let cases: Vec<(String, &str)> = vec![
         (format!("{GOOD}batch_size = 0\n"), "account.batch_size"),
         (format!("{GOOD}batch_size = 201\n"), "account.batch_size"),
-        (format!("{GOOD}hmac_secret = \"${{COURIER_IT_SURELY_UNSET}}\"\n"), "COURIER_IT_SURELY_UNSET"),
-        (GOOD.replace("https://hooks.example.com/companies", "ftp://hooks.example.com/"), "account.companies_url"),
-        (format!("{GOOD}\n[[account]]\nid = \"acme\"\ncompanies_url = \"https://b.example.com/\"\n"), "account.id"),
+        (
+            format!("{GOOD}hmac_secret = \"${{COURIER_IT_SURELY_UNSET}}\"\n"),
+            "COURIER_IT_SURELY_UNSET",
+        ),
+        (
+            GOOD.replace(
+                "https://hooks.example.com/companies",
+                "ftp://hooks.example.com/",
+            ),
+            "account.companies_url",
+        ),
+        (
+            format!(
+                "{GOOD}\n[[account]]\nid = \"acme\"\ncompanies_url = \"https://b.example.com/\"\n"
+            ),
+            "account.id",
+        ),
         (format!("{GOOD}colour = \"blue\"\n"), "colour"),
-        (format!("{GOOD}standard_webhooks_secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n"), "standard_webhooks_secret"),
-        (format!("{GOOD}client_cert = \"/etc/courier/a.crt\"\n"), "client_cert"),
-        (GOOD.replace("[broker]", "[delivery]\nordering = \"per_record\"\n[broker]"), "delivery.ordering"),
-        (GOOD.replace("[broker]", "[delivery]\nca_file = \"/etc/ca.pem\"\n[broker]"), "delivery.ca_file"),
-        (GOOD.replace("[broker]", "[retry]\nschedule = [\"30s\", \"30s\"]\n[broker]"), "retry.schedule"),
+        (
+            format!(
+                "{GOOD}standard_webhooks_secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n"
+            ),
+            "standard_webhooks_secret",
+        ),
+        (
+            format!("{GOOD}client_cert = \"/etc/courier/a.crt\"\n"),
+            "client_cert",
+        ),
+        (
+            GOOD.replace(
+                "[broker]",
+                "[delivery]\nordering = \"per_record\"\n[broker]",
+            ),
+            "delivery.ordering",
+        ),
+        (
+            GOOD.replace(
+                "[broker]",
+                "[delivery]\nca_file = \"/etc/ca.pem\"\n[broker]",
+            ),
+            "delivery.ca_file",
+        ),
+        (
+            GOOD.replace(
+                "[broker]",
+                "[retry]\nschedule = [\"30s\", \"30s\"]\n[broker]",
+            ),
+            "retry.schedule",
+        ),
     ];
     for (text, key) in cases {
         let path = write_config(&text);
-        let (code, _, stderr) = output(&mut courier(&["check", "--config", path.to_str().unwrap()]));
+        let (code, _, stderr) =
+            output(&mut courier(&["check", "--config", path.to_str().unwrap()]));
         assert_eq!(code, 2, "config should be refused: {text}");
         assert!(stderr.contains(key), "stderr does not name {key}: {stderr}");
-        assert!(stderr.contains("courier.toml"), "stderr does not name the file: {stderr}");
+        assert!(
+            stderr.contains("courier.toml"),
+            "stderr does not name the file: {stderr}"
+        );
     }
     let unsupported = write_config(&format!("{GOOD}client_key = \"/k\"\n"));
-    let (_, _, stderr) = output(&mut courier(&["check", "--config", unsupported.to_str().unwrap()]));
+    let (_, _, stderr) = output(&mut courier(&[
+        "check",
+        "--config",
+        unsupported.to_str().unwrap(),
+    ]));
     assert!(stderr.contains("not supported yet"), "{stderr}");
-    let (code, _, stderr) = output(&mut courier(&["check", "--config", "/nonexistent/courier.toml"]));
+    let (code, _, stderr) = output(&mut courier(&[
+        "check",
+        "--config",
+        "/nonexistent/courier.toml",
+    ]));
     assert_eq!(code, 2);
     assert!(stderr.contains("/nonexistent/courier.toml"), "{stderr}");
     let (code, _, _) = output(&mut courier(&["frobnicate"]));
@@ -103,7 +182,13 @@ async fn an_existing_queue_with_other_arguments_exits_1_naming_it() {
     let broker = Broker::connect(&names, &["30s"]).await;
     let channel = broker.conn.create_channel().await.unwrap();
     // Everything as courier declares it, but another delivery limit.
-    let settings = settings(&names, &ConfigSpec { accounts: "[[account]]\nid = \"a\"\ncompanies_url = \"http://127.0.0.1:9/\"\n".into(), ..Default::default() });
+    let settings = settings(
+        &names,
+        &ConfigSpec {
+            accounts: "[[account]]\nid = \"a\"\ncompanies_url = \"http://127.0.0.1:9/\"\n".into(),
+            ..Default::default()
+        },
+    );
     let spec = courier::broker::topology::queues(&settings.broker, &settings.retry.schedule)
         .into_iter()
         .find(|q| q.name == names.deliver())
@@ -112,14 +197,33 @@ async fn an_existing_queue_with_other_arguments_exits_1_naming_it() {
     args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(99));
     let args = FieldTable::from(args);
     channel
-        .queue_declare(names.deliver().as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
+        .queue_declare(
+            names.deliver().as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
         .await
         .unwrap();
-    let path = write_config(&config_text(&names, &ConfigSpec { accounts: "[[account]]\nid = \"a\"\ncompanies_url = \"http://127.0.0.1:9/\"\n".into(), ..Default::default() }));
+    let path = write_config(&config_text(
+        &names,
+        &ConfigSpec {
+            accounts: "[[account]]\nid = \"a\"\ncompanies_url = \"http://127.0.0.1:9/\"\n".into(),
+            ..Default::default()
+        },
+    ));
     let (code, _, stderr) = output(&mut courier(&["setup", "--config", path.to_str().unwrap()]));
     assert_eq!(code, 1, "{stderr}");
-    assert!(stderr.contains(&names.deliver()), "queue not named: {stderr}");
-    assert!(stderr.contains("x-delivery-limit"), "argument not named: {stderr}");
+    assert!(
+        stderr.contains(&names.deliver()),
+        "queue not named: {stderr}"
+    );
+    assert!(
+        stderr.contains("x-delivery-limit"),
+        "argument not named: {stderr}"
+    );
     let (code, _, stderr) = output(&mut courier(&["run", "--config", path.to_str().unwrap()]));
     assert_eq!(code, 1, "run refuses too: {stderr}");
     assert!(stderr.contains("x-delivery-limit"), "{stderr}");
@@ -152,7 +256,10 @@ async fn wait_exit(child: &mut Child, timeout: Duration) -> Option<i32> {
 }
 
 async fn http_get(port: u16, path: &str) -> (u16, String) {
-    let response = reqwest::Client::builder().no_proxy().build().unwrap()
+    let response = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
         .get(format!("http://127.0.0.1:{port}{path}"))
         .send()
         .await;
@@ -176,7 +283,9 @@ async fn sigterm_delivers_buffered_events_then_exits_0() {
         ..Default::default()
     };
     let text = config_text(&names, &spec).replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
-    let path = write_config(&format!("{text}\n").replace("[admin]", "[log]\nlevel = \"trace\"\n\n[admin]"));
+    let path = write_config(
+        &format!("{text}\n").replace("[admin]", "[log]\nlevel = \"trace\"\n\n[admin]"),
+    );
     let log = path.with_file_name("courier.log");
     let mut child = Proc(
         courier(&["run", "--config", path.to_str().unwrap()])
@@ -185,20 +294,39 @@ async fn sigterm_delivers_buffered_events_then_exits_0() {
             .spawn()
             .unwrap(),
     );
-    assert!(eventually_async(Duration::from_secs(20), || async { http_get(port, "/readyz").await.0 == 200 }).await, "never ready");
+    assert!(
+        eventually_async(Duration::from_secs(20), || async {
+            http_get(port, "/readyz").await.0 == 200
+        })
+        .await,
+        "never ready"
+    );
     assert_eq!(http_get(port, "/healthz").await.0, 200);
-    let bodies: Vec<Vec<u8>> = (0..25).map(|i| event(&format!("t{i}"), "acme", "company")).collect();
+    let bodies: Vec<Vec<u8>> = (0..25)
+        .map(|i| event(&format!("t{i}"), "acme", "company"))
+        .collect();
     broker.publish(&bodies).await;
     assert!(
         eventually_async(Duration::from_secs(10), || async {
-            metric_value(&http_get(port, "/metrics").await.1, "courier_buffered_events", &[]) == 25.0
+            metric_value(
+                &http_get(port, "/metrics").await.1,
+                "courier_buffered_events",
+                &[],
+            ) == 25.0
         })
         .await,
         "events not buffered"
     );
-    assert!(receiver.requests().is_empty(), "nothing sent before the 10m interval");
+    assert!(
+        receiver.requests().is_empty(),
+        "nothing sent before the 10m interval"
+    );
     sigterm(&child.0);
-    assert_eq!(wait_exit(&mut child.0, Duration::from_secs(20)).await, Some(0), "exit code after SIGTERM");
+    assert_eq!(
+        wait_exit(&mut child.0, Duration::from_secs(20)).await,
+        Some(0),
+        "exit code after SIGTERM"
+    );
     let ids: HashSet<_> = receiver.delivered_ids().into_iter().collect();
     assert_eq!(ids.len(), 25, "buffered events delivered before exit");
     assert_eq!(broker.depth(&names.deliver()).await, 0);
@@ -260,12 +388,21 @@ async fn the_private_network_guard_refuses_loopback_in_every_spelling() {
         let broker = Broker::connect(&names, &["30s"]).await;
         let mut accounts = String::new();
         for (id, url) in &urls {
-            accounts.push_str(&format!("[[account]]\nid = \"{id}\"\ncompanies_url = \"{url}\"\n\n"));
+            accounts.push_str(&format!(
+                "[[account]]\nid = \"{id}\"\ncompanies_url = \"{url}\"\n\n"
+            ));
         }
-        let spec = ConfigSpec { retry: "immediate_attempts = 1".into(), accounts, ..Default::default() };
+        let spec = ConfigSpec {
+            retry: "immediate_attempts = 1".into(),
+            accounts,
+            ..Default::default()
+        };
         let admin = free_port();
         let text = config_text(&names, &spec)
-            .replace("allow_private_networks = true", &format!("allow_private_networks = {}", !guard_on))
+            .replace(
+                "allow_private_networks = true",
+                &format!("allow_private_networks = {}", !guard_on),
+            )
             .replace("127.0.0.1:0", &format!("127.0.0.1:{admin}"));
         let path = write_config(&text);
         let mut child = Proc(
@@ -278,46 +415,110 @@ async fn the_private_network_guard_refuses_loopback_in_every_spelling() {
                 .spawn()
                 .unwrap(),
         );
-        assert!(eventually_async(Duration::from_secs(20), || async { http_get(admin, "/readyz").await.0 == 200 }).await);
-        let bodies: Vec<Vec<u8>> = urls.iter().map(|(id, _)| event(&format!("g-{id}"), id, "company")).collect();
+        assert!(
+            eventually_async(Duration::from_secs(20), || async {
+                http_get(admin, "/readyz").await.0 == 200
+            })
+            .await
+        );
+        let bodies: Vec<Vec<u8>> = urls
+            .iter()
+            .map(|(id, _)| event(&format!("g-{id}"), id, "company"))
+            .collect();
         broker.publish(&bodies).await;
         if guard_on {
-            assert_eq!(broker.wait_for_depth(&names.dead(), 5, Duration::from_secs(20)).await, 5, "all refused");
+            assert_eq!(
+                broker
+                    .wait_for_depth(&names.dead(), 5, Duration::from_secs(20))
+                    .await,
+                5,
+                "all refused"
+            );
             let dead = broker.drain(&names.dead()).await;
             for (body, headers) in dead {
                 let error = header_str(&headers, "x-courier-last-error").unwrap();
-                assert!(error.contains("private-network guard"), "{}: {error}", event_id(&body));
+                assert!(
+                    error.contains("private-network guard"),
+                    "{}: {error}",
+                    event_id(&body)
+                );
             }
-            assert!(v4.requests().is_empty() && v6.requests().is_empty(), "a refused destination was contacted");
+            assert!(
+                v4.requests().is_empty() && v6.requests().is_empty(),
+                "a refused destination was contacted"
+            );
         } else {
             let both = || v4.delivered_ids().len() + v6.delivered_ids().len();
-            assert!(eventually(Duration::from_secs(20), || both() == 5).await, "only {} delivered", both());
+            assert!(
+                eventually(Duration::from_secs(20), || both() == 5).await,
+                "only {} delivered",
+                both()
+            );
             assert_eq!(v6.delivered_ids(), vec!["g-ipv6"]);
         }
         sigterm(&child.0);
-        assert_eq!(wait_exit(&mut child.0, Duration::from_secs(20)).await, Some(0));
+        assert_eq!(
+            wait_exit(&mut child.0, Duration::from_secs(20)).await,
+            Some(0)
+        );
     }
-    assert_eq!(proxy_hits.load(std::sync::atomic::Ordering::SeqCst), 0, "the proxy from the environment was used");
+    assert_eq!(
+        proxy_hits.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the proxy from the environment was used"
+    );
 }
 
 #[tokio::test]
 async fn publish_validates_the_whole_file_first() {
     let names = Names::new();
     let broker = Broker::connect(&names, &["30s"]).await;
-    let path = write_config(&config_text(&names, &ConfigSpec { accounts: "[[account]]\nid = \"acme\"\ncompanies_url = \"http://127.0.0.1:9/\"\n".into(), ..Default::default() }));
+    let path = write_config(&config_text(
+        &names,
+        &ConfigSpec {
+            accounts: "[[account]]\nid = \"acme\"\ncompanies_url = \"http://127.0.0.1:9/\"\n"
+                .into(),
+            ..Default::default()
+        },
+    ));
     let config = path.to_str().unwrap();
     let (code, _, stderr) = output(&mut courier(&["setup", "--config", config]));
     assert_eq!(code, 0, "{stderr}");
     let events = path.with_file_name("events.ndjson");
-    let good: Vec<String> = (0..5).map(|i| String::from_utf8(event(&format!("p{i}"), "acme", "company")).unwrap()).collect();
-    std::fs::write(&events, format!("{}\n{}\n{{\"id\":\"broken\"\n{}\n", good[0], good[1], good[2..].join("\n"))).unwrap();
-    let (code, _, stderr) = output(&mut courier(&["publish", "--config", config, events.to_str().unwrap()]));
+    let good: Vec<String> = (0..5)
+        .map(|i| String::from_utf8(event(&format!("p{i}"), "acme", "company")).unwrap())
+        .collect();
+    std::fs::write(
+        &events,
+        format!(
+            "{}\n{}\n{{\"id\":\"broken\"\n{}\n",
+            good[0],
+            good[1],
+            good[2..].join("\n")
+        ),
+    )
+    .unwrap();
+    let (code, _, stderr) = output(&mut courier(&[
+        "publish",
+        "--config",
+        config,
+        events.to_str().unwrap(),
+    ]));
     assert_eq!(code, 1);
     assert!(stderr.contains("line 3"), "{stderr}");
     assert_eq!(broker.depth(&names.deliver()).await, 0, "nothing published");
-    let (code, stdout, stderr) = output(&mut courier(&["publish", "--skip-invalid", "--config", config, events.to_str().unwrap()]));
+    let (code, stdout, stderr) = output(&mut courier(&[
+        "publish",
+        "--skip-invalid",
+        "--config",
+        config,
+        events.to_str().unwrap(),
+    ]));
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("published 5") && stdout.contains("skipped 1"), "{stdout}");
+    assert!(
+        stdout.contains("published 5") && stdout.contains("skipped 1"),
+        "{stdout}"
+    );
     let queued = broker.drain(&names.deliver()).await;
     let ids: Vec<String> = queued.iter().map(|(b, _)| event_id(b)).collect();
     assert_eq!(ids, vec!["p0", "p1", "p2", "p3", "p4"], "file order");
@@ -327,29 +528,52 @@ async fn publish_validates_the_whole_file_first() {
 async fn receive_verifies_signatures() {
     let port = free_port();
     let mut child = Proc(
-        courier(&["receive", "--listen", &format!("127.0.0.1:{port}"), "--secret", "abc"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+        courier(&[
+            "receive",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--secret",
+            "abc",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
     );
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let body = br#"[{"id":"1"},{"id":"2"}]"#;
     let url = format!("http://127.0.0.1:{port}/any/path");
-    assert!(eventually_async(Duration::from_secs(10), || async { client.post(&url).send().await.is_ok() }).await);
+    assert!(
+        eventually_async(Duration::from_secs(10), || async {
+            client.post(&url).send().await.is_ok()
+        })
+        .await
+    );
     let good = client
         .post(&url)
-        .header("x-goodfit-hmac-sha256", courier::sign::signature(b"abc", body))
+        .header(
+            "x-goodfit-hmac-sha256",
+            courier::sign::signature(b"abc", body),
+        )
         .body(body.to_vec())
         .send()
         .await
         .unwrap();
     assert_eq!(good.status().as_u16(), 200);
-    let bad = client.post(&url).header("x-goodfit-hmac-sha256", "sha256=00").body(body.to_vec()).send().await.unwrap();
+    let bad = client
+        .post(&url)
+        .header("x-goodfit-hmac-sha256", "sha256=00")
+        .body(body.to_vec())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(bad.status().as_u16(), 401);
     sigterm(&child.0);
     let out = child.0.wait_with_output_ref();
-    assert!(out.contains("POST /any/path 200 events=2") && out.contains("sig=ok"), "{out}");
+    assert!(
+        out.contains("POST /any/path 200 events=2") && out.contains("sig=ok"),
+        "{out}"
+    );
     assert!(out.contains("401") && out.contains("sig=bad"), "{out}");
 }
 
@@ -388,25 +612,46 @@ async fn kill_9_mid_delivery_loses_nothing() {
     let path = write_config(&text);
     let start = || {
         Proc(
-            courier(&["run", "--config", path.to_str().unwrap()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap(),
+            courier(&["run", "--config", path.to_str().unwrap()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
         )
     };
     let mut first = start();
-    assert!(eventually_async(Duration::from_secs(20), || async { http_get(admin, "/readyz").await.0 == 200 }).await);
-    let bodies: Vec<Vec<u8>> = (0..400).map(|i| event(&format!("k{i}"), "acme", "company")).collect();
+    assert!(
+        eventually_async(Duration::from_secs(20), || async {
+            http_get(admin, "/readyz").await.0 == 200
+        })
+        .await
+    );
+    let bodies: Vec<Vec<u8>> = (0..400)
+        .map(|i| event(&format!("k{i}"), "acme", "company"))
+        .collect();
     broker.publish(&bodies).await;
     receiver.wait_for_events(60, Duration::from_secs(20)).await;
     first.0.kill().unwrap(); // SIGKILL: no flush, no goodbye
     let _ = first.0.wait();
     let before = receiver.delivered_ids().len();
-    assert!(before < 400, "the kill came too late to test anything ({before} delivered)");
+    assert!(
+        before < 400,
+        "the kill came too late to test anything ({before} delivered)"
+    );
     receiver.set_delay(Duration::ZERO);
     let mut second = start();
     let all: HashSet<String> = bodies.iter().map(|b| event_id(b)).collect();
     let delivered = || receiver.delivered_ids().into_iter().collect::<HashSet<_>>();
-    assert!(eventually(Duration::from_secs(30), || delivered().is_superset(&all)).await, "lost {} events", all.difference(&delivered()).count());
+    assert!(
+        eventually(Duration::from_secs(30), || delivered().is_superset(&all)).await,
+        "lost {} events",
+        all.difference(&delivered()).count()
+    );
     sigterm(&second.0);
-    assert_eq!(wait_exit(&mut second.0, Duration::from_secs(20)).await, Some(0));
+    assert_eq!(
+        wait_exit(&mut second.0, Duration::from_secs(20)).await,
+        Some(0)
+    );
     assert_eq!(broker.depth(&names.deliver()).await, 0);
     assert_eq!(broker.depth(&names.dead()).await, 0);
 }

@@ -22,16 +22,33 @@ async fn a_receiver_that_fails_twice_then_succeeds_gets_everything() {
     let names = Names::new();
     let broker = Broker::connect(&names, &["30s"]).await;
     let worker = TestWorker::spawn(settings(&names, &one_account(&receiver, 5))).await;
-    broker.publish(&[event("a", "acme", "company"), event("b", "acme", "company")]).await;
-    assert_eq!(receiver.wait_for_events(2, Duration::from_secs(10)).await, 2);
+    broker
+        .publish(&[event("a", "acme", "company"), event("b", "acme", "company")])
+        .await;
+    assert_eq!(
+        receiver.wait_for_events(2, Duration::from_secs(10)).await,
+        2
+    );
     let requests = receiver.requests();
     assert_eq!(requests.len(), 3);
-    let attempts: Vec<_> = requests.iter().map(|r| r.header("x-courier-attempt").unwrap().to_owned()).collect();
+    let attempts: Vec<_> = requests
+        .iter()
+        .map(|r| r.header("x-courier-attempt").unwrap().to_owned())
+        .collect();
     assert_eq!(attempts, vec!["1", "2", "3"]);
-    let ids: HashSet<_> = requests.iter().map(|r| r.header("x-courier-delivery-id").unwrap().to_owned()).collect();
+    let ids: HashSet<_> = requests
+        .iter()
+        .map(|r| r.header("x-courier-delivery-id").unwrap().to_owned())
+        .collect();
     assert_eq!(ids.len(), 1, "one delivery id on every attempt");
-    assert_eq!(worker.metric("courier_events_retried_total", &[("stage", "immediate")]), 4.0);
-    assert_eq!(worker.metric("courier_requests_total", &[("outcome", "retryable")]), 2.0);
+    assert_eq!(
+        worker.metric("courier_events_retried_total", &[("stage", "immediate")]),
+        4.0
+    );
+    assert_eq!(
+        worker.metric("courier_requests_total", &[("outcome", "retryable")]),
+        2.0
+    );
     assert_eq!(worker.metric("courier_events_delivered_total", &[]), 2.0);
     worker.shutdown().await;
     assert_eq!(broker.depth(&names.dead()).await, 0);
@@ -44,30 +61,72 @@ async fn a_receiver_that_always_fails_leaves_everything_in_the_dead_letter_queue
     let names = Names::new();
     let broker = Broker::connect(&names, &["30s"]).await;
     let worker = TestWorker::spawn(settings(&names, &one_account(&receiver, 3))).await;
-    let bodies: Vec<Vec<u8>> = (0..7).map(|i| event(&format!("d{i}"), "acme", "company")).collect();
+    let bodies: Vec<Vec<u8>> = (0..7)
+        .map(|i| event(&format!("d{i}"), "acme", "company"))
+        .collect();
     broker.publish(&bodies).await;
-    assert_eq!(broker.wait_for_depth(&names.dead(), 7, Duration::from_secs(15)).await, 7);
-    assert!(eventually(Duration::from_secs(5), || worker.metric("courier_events_dead_lettered_total", &[("reason", "retries_exhausted")]) == 7.0).await);
+    assert_eq!(
+        broker
+            .wait_for_depth(&names.dead(), 7, Duration::from_secs(15))
+            .await,
+        7
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || worker.metric(
+            "courier_events_dead_lettered_total",
+            &[("reason", "retries_exhausted")]
+        ) == 7.0)
+        .await
+    );
     worker.shutdown().await;
-    assert_eq!(receiver.requests().len(), 9, "3 batches × 3 immediate attempts");
+    assert_eq!(
+        receiver.requests().len(),
+        9,
+        "3 batches × 3 immediate attempts"
+    );
     let dead = broker.drain(&names.dead()).await;
     let mut seen = HashSet::new();
     for (body, headers) in &dead {
         assert!(bodies.contains(body), "dead letter body changed");
         seen.insert(event_id(body));
-        assert_eq!(header_str(headers, "x-courier-reason").as_deref(), Some("retries_exhausted"));
-        assert_eq!(header_str(headers, "x-courier-last-status").as_deref(), Some("500"));
-        assert_eq!(header_str(headers, "x-courier-retries").as_deref(), Some("0"));
-        assert!(header_str(headers, "x-courier-last-error").unwrap().contains("500"));
-        for name in ["x-courier-first-failure", "x-courier-dead-at", "x-courier-first-seen"] {
+        assert_eq!(
+            header_str(headers, "x-courier-reason").as_deref(),
+            Some("retries_exhausted")
+        );
+        assert_eq!(
+            header_str(headers, "x-courier-last-status").as_deref(),
+            Some("500")
+        );
+        assert_eq!(
+            header_str(headers, "x-courier-retries").as_deref(),
+            Some("0")
+        );
+        assert!(
+            header_str(headers, "x-courier-last-error")
+                .unwrap()
+                .contains("500")
+        );
+        for name in [
+            "x-courier-first-failure",
+            "x-courier-dead-at",
+            "x-courier-first-seen",
+        ] {
             let value = header_str(headers, name).unwrap_or_else(|| panic!("{name} missing"));
-            chrono::DateTime::parse_from_rfc3339(&value).unwrap_or_else(|_| panic!("{name} = {value:?} is not RFC 3339"));
+            chrono::DateTime::parse_from_rfc3339(&value)
+                .unwrap_or_else(|_| panic!("{name} = {value:?} is not RFC 3339"));
         }
         let destination = header_str(headers, "x-courier-destination").unwrap();
-        assert_eq!(destination, format!("http://{}", receiver.addr), "scheme, host and port only");
-        for (_, value) in headers.inner() {
+        assert_eq!(
+            destination,
+            format!("http://{}", receiver.addr),
+            "scheme, host and port only"
+        );
+        for value in headers.inner().values() {
             let text = format!("{value:?}");
-            assert!(!text.contains("secret-path") && !text.contains("token=abc"), "URL path leaked: {text}");
+            assert!(
+                !text.contains("secret-path") && !text.contains("token=abc"),
+                "URL path leaked: {text}"
+            );
         }
     }
     assert_eq!(seen.len(), 7, "published = dead-lettered");
@@ -79,7 +138,10 @@ async fn bad_events_are_dead_lettered_with_their_reason_and_good_ones_flow_on() 
     let receiver = Receiver::start().await;
     let names = Names::new();
     let broker = Broker::connect(&names, &["30s"]).await;
-    let spec = ConfigSpec { broker: "max_event_bytes = 2000".into(), ..one_account(&receiver, 1) };
+    let spec = ConfigSpec {
+        broker: "max_event_bytes = 2000".into(),
+        ..one_account(&receiver, 1)
+    };
     let worker = TestWorker::spawn(settings(&names, &spec)).await;
     let good = event("good-1", "acme", "company");
     let bad: Vec<(Vec<u8>, &str)> = vec![
@@ -99,18 +161,57 @@ async fn bad_events_are_dead_lettered_with_their_reason_and_good_ones_flow_on() 
     let mut bodies: Vec<Vec<u8>> = bad.iter().map(|(b, _)| b.clone()).collect();
     bodies.push(good.clone());
     broker.publish(&bodies).await;
-    assert_eq!(receiver.wait_for_events(1, Duration::from_secs(10)).await, 1);
-    assert_eq!(receiver.delivered_ids(), vec!["good-1"], "the worker keeps delivering after bad events");
-    assert_eq!(broker.wait_for_depth(&names.dead(), bad.len() as u32, Duration::from_secs(10)).await, bad.len() as u32);
+    assert_eq!(
+        receiver.wait_for_events(1, Duration::from_secs(10)).await,
+        1
+    );
+    assert_eq!(
+        receiver.delivered_ids(),
+        vec!["good-1"],
+        "the worker keeps delivering after bad events"
+    );
+    assert_eq!(
+        broker
+            .wait_for_depth(&names.dead(), bad.len() as u32, Duration::from_secs(10))
+            .await,
+        bad.len() as u32
+    );
     let dead = broker.drain(&names.dead()).await;
     for (body, reason) in &bad {
-        let (_, headers) = dead.iter().find(|(b, _)| b == body).unwrap_or_else(|| panic!("{} not dead-lettered", String::from_utf8_lossy(body)));
-        assert_eq!(header_str(headers, "x-courier-reason").as_deref(), Some(*reason), "{}", String::from_utf8_lossy(body));
-        assert!(!header_str(headers, "x-courier-last-error").unwrap().is_empty());
-        assert!(header_str(headers, "x-courier-last-status").is_none(), "no HTTP status for a bad event");
+        let (_, headers) = dead
+            .iter()
+            .find(|(b, _)| b == body)
+            .unwrap_or_else(|| panic!("{} not dead-lettered", String::from_utf8_lossy(body)));
+        assert_eq!(
+            header_str(headers, "x-courier-reason").as_deref(),
+            Some(*reason),
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+        assert!(
+            !header_str(headers, "x-courier-last-error")
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            header_str(headers, "x-courier-last-status").is_none(),
+            "no HTTP status for a bad event"
+        );
     }
-    assert_eq!(worker.metric("courier_events_dead_lettered_total", &[("reason", "invalid_event")]), 11.0);
-    assert_eq!(worker.metric("courier_events_dead_lettered_total", &[("reason", "unknown_account")]), 1.0);
+    assert_eq!(
+        worker.metric(
+            "courier_events_dead_lettered_total",
+            &[("reason", "invalid_event")]
+        ),
+        11.0
+    );
+    assert_eq!(
+        worker.metric(
+            "courier_events_dead_lettered_total",
+            &[("reason", "unknown_account")]
+        ),
+        1.0
+    );
     worker.shutdown().await;
     assert_eq!(broker.depth(&names.deliver()).await, 0);
 }
@@ -129,23 +230,44 @@ async fn a_rejected_record_is_isolated_and_the_rest_delivered() {
     };
     let poison = event("poison", "acme", "company");
     let worker = TestWorker::spawn(settings(&names, &spec)).await;
-    let bodies: Vec<Vec<u8>> =
-        (0..10).map(|i| if i == 6 { poison.clone() } else { event(&format!("ok{i}"), "acme", "company") }).collect();
+    let bodies: Vec<Vec<u8>> = (0..10)
+        .map(|i| {
+            if i == 6 {
+                poison.clone()
+            } else {
+                event(&format!("ok{i}"), "acme", "company")
+            }
+        })
+        .collect();
     // The receiver rejects any body that holds the poison record.
     receiver.reject_bodies_with("\"id\":\"poison\"", 400);
     broker.publish(&bodies).await;
-    assert_eq!(receiver.wait_for_events(9, Duration::from_secs(15)).await, 9);
-    assert_eq!(broker.wait_for_depth(&names.dead(), 1, Duration::from_secs(10)).await, 1);
+    assert_eq!(
+        receiver.wait_for_events(9, Duration::from_secs(15)).await,
+        9
+    );
+    assert_eq!(
+        broker
+            .wait_for_depth(&names.dead(), 1, Duration::from_secs(10))
+            .await,
+        1
+    );
     let dead = broker.drain(&names.dead()).await;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].0, poison, "the original bytes");
-    assert_eq!(header_str(&dead[0].1, "x-courier-reason").as_deref(), Some("rejected_400"));
+    assert_eq!(
+        header_str(&dead[0].1, "x-courier-reason").as_deref(),
+        Some("rejected_400")
+    );
     let delivered: HashSet<_> = receiver.delivered_ids().into_iter().collect();
     assert_eq!(delivered.len(), 9);
     assert!(!delivered.contains("poison"));
     assert!(worker.metric("courier_batch_splits_total", &[]) >= 2.0);
     for request in receiver.requests() {
-        assert_eq!(request.body[0], b'[', "halves are still arrays, even of one");
+        assert_eq!(
+            request.body[0], b'[',
+            "halves are still arrays, even of one"
+        );
     }
     worker.shutdown().await;
 }
@@ -163,21 +285,37 @@ async fn a_dropped_broker_connection_loses_nothing() {
         ..Default::default()
     };
     let worker = TestWorker::spawn(settings(&names, &spec)).await;
-    let first: Vec<Vec<u8>> = (0..100).map(|i| event(&format!("a{i}"), "acme", "company")).collect();
+    let first: Vec<Vec<u8>> = (0..100)
+        .map(|i| event(&format!("a{i}"), "acme", "company"))
+        .collect();
     broker.publish(&first).await;
-    assert_eq!(receiver.wait_for_events(100, Duration::from_secs(10)).await, 100);
+    assert_eq!(
+        receiver.wait_for_events(100, Duration::from_secs(10)).await,
+        100
+    );
     // Close the worker's consuming connection from the broker side.
     let name = format!("courier consume {}", names.prefix);
     let closed = close_connections_named(&name);
     assert!(closed >= 1, "found no connection named {name}");
-    assert!(eventually(Duration::from_secs(20), || worker.metric("courier_broker_reconnects_total", &[]) >= 1.0).await);
-    let second: Vec<Vec<u8>> = (0..100).map(|i| event(&format!("b{i}"), "acme", "company")).collect();
+    assert!(
+        eventually(Duration::from_secs(20), || worker
+            .metric("courier_broker_reconnects_total", &[])
+            >= 1.0)
+        .await
+    );
+    let second: Vec<Vec<u8>> = (0..100)
+        .map(|i| event(&format!("b{i}"), "acme", "company"))
+        .collect();
     broker.publish(&second).await;
     assert!(receiver.wait_for_events(200, Duration::from_secs(20)).await >= 200);
     worker.shutdown().await;
     let delivered: HashSet<_> = receiver.delivered_ids().into_iter().collect();
     for body in first.iter().chain(&second) {
-        assert!(delivered.contains(&event_id(body)), "lost {}", event_id(body));
+        assert!(
+            delivered.contains(&event_id(body)),
+            "lost {}",
+            event_id(body)
+        );
     }
     assert_eq!(broker.depth(&names.deliver()).await, 0);
 }
@@ -185,7 +323,13 @@ async fn a_dropped_broker_connection_loses_nothing() {
 /// Closes the broker connections with this client-provided name; returns how many.
 fn close_connections_named(name: &str) -> usize {
     let out = std::process::Command::new("rabbitmqctl")
-        .args(["list_connections", "-q", "--no-table-headers", "pid", "client_properties"])
+        .args([
+            "list_connections",
+            "-q",
+            "--no-table-headers",
+            "pid",
+            "client_properties",
+        ])
         .output()
         .expect("rabbitmqctl");
     let text = String::from_utf8_lossy(&out.stdout);

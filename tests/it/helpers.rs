@@ -13,8 +13,8 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
-    QueueDeleteOptions,
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    ExchangeDeleteOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -27,14 +27,17 @@ use courier::worker::Worker;
 
 /// The broker the tests use.
 pub fn amqp_url() -> String {
-    std::env::var("COURIER_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("COURIER_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 /// A random suffix for names.
 pub fn suffix() -> String {
     use rand::Rng;
     let mut rng = rand::rng();
-    (0..10).map(|_| char::from(b'a' + rng.random_range(0..26u8))).collect()
+    (0..10)
+        .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
+        .collect()
 }
 
 /// Logs for `TEST_LOG=1`.
@@ -72,7 +75,10 @@ impl Recorded {
 
     /// The ids of the body's events.
     pub fn ids(&self) -> Vec<String> {
-        self.events().iter().map(|e| event_id(e.as_bytes())).collect()
+        self.events()
+            .iter()
+            .map(|e| event_id(e.as_bytes()))
+            .collect()
     }
 }
 
@@ -111,16 +117,28 @@ impl Receiver {
 
     /// Listens on `addr`.
     pub async fn start_on(addr: &str) -> Self {
-        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind receiver");
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .expect("bind receiver");
         let addr = listener.local_addr().unwrap();
-        let state = Arc::new(ReceiverState { status: AtomicU16::new(200), ..Default::default() });
+        let state = Arc::new(ReceiverState {
+            status: AtomicU16::new(200),
+            ..Default::default()
+        });
         let stop = CancellationToken::new();
         let app = Router::new().fallback(record).with_state(state.clone());
         let token = stop.clone();
         tokio::spawn(async move {
-            axum::serve(listener, app).with_graceful_shutdown(token.cancelled_owned()).await.unwrap();
+            axum::serve(listener, app)
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await
+                .unwrap();
         });
-        Self { addr, state, _stop: Arc::new(stop.drop_guard()) }
+        Self {
+            addr,
+            state,
+            _stop: Arc::new(stop.drop_guard()),
+        }
     }
 
     /// `http://ADDR/path`.
@@ -155,7 +173,10 @@ impl Receiver {
 
     /// Requests answered 2xx.
     pub fn accepted(&self) -> Vec<Recorded> {
-        self.requests().into_iter().filter(|r| (200..300).contains(&r.status)).collect()
+        self.requests()
+            .into_iter()
+            .filter(|r| (200..300).contains(&r.status))
+            .collect()
     }
 
     /// Ids of the events in 2xx-answered requests.
@@ -174,26 +195,42 @@ impl Receiver {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-
 }
 
-async fn record(State(state): State<Arc<ReceiverState>>, uri: Uri, headers: HeaderMap, body: Bytes) -> axum::response::Response {
+async fn record(
+    State(state): State<Arc<ReceiverState>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> axum::response::Response {
     use axum::response::IntoResponse;
     let delay = *state.delay.lock().unwrap();
     if let Some(delay) = delay {
         tokio::time::sleep(delay).await;
     }
-    let rejected = state.reject.lock().unwrap().as_ref().and_then(|(needle, status)| {
-        let body = String::from_utf8_lossy(&body);
-        body.contains(needle.as_str()).then_some(*status)
-    });
+    let rejected = state
+        .reject
+        .lock()
+        .unwrap()
+        .as_ref()
+        .and_then(|(needle, status)| {
+            let body = String::from_utf8_lossy(&body);
+            body.contains(needle.as_str()).then_some(*status)
+        });
     let status = rejected
         .or_else(|| state.script.lock().unwrap().pop_front())
         .unwrap_or_else(|| state.status.load(Ordering::SeqCst));
-    state.requests.lock().unwrap().push(Recorded { path: uri.path().to_owned(), headers, body, status });
+    state.requests.lock().unwrap().push(Recorded {
+        path: uri.path().to_owned(),
+        headers,
+        body,
+        status,
+    });
     let mut response = StatusCode::from_u16(status).unwrap().into_response();
     if let Some(retry_after) = state.retry_after.lock().unwrap().clone() {
-        response.headers_mut().insert("retry-after", retry_after.parse().unwrap());
+        response
+            .headers_mut()
+            .insert("retry-after", retry_after.parse().unwrap());
     }
     response
 }
@@ -219,7 +256,10 @@ pub struct Names {
 impl Names {
     pub fn new() -> Self {
         let s = suffix();
-        Self { prefix: format!("test-{s}"), exchange: format!("test-x-{s}") }
+        Self {
+            prefix: format!("test-{s}"),
+            exchange: format!("test-x-{s}"),
+        }
     }
 
     pub fn deliver(&self) -> String {
@@ -271,8 +311,10 @@ listen = "127.0.0.1:0"
 /// Parses a test configuration with the process environment.
 pub fn settings(names: &Names, spec: &ConfigSpec) -> Settings {
     let text = config_text(names, spec);
-    config::parse(Path::new("test.toml"), &text, &|name| std::env::var(name).ok())
-        .unwrap_or_else(|e| panic!("test config invalid: {e}\n{text}"))
+    config::parse(Path::new("test.toml"), &text, &|name| {
+        std::env::var(name).ok()
+    })
+    .unwrap_or_else(|e| panic!("test config invalid: {e}\n{text}"))
 }
 
 /// A broker connection for the test's own publishing and inspection; deletes the test's
@@ -286,17 +328,32 @@ pub struct Broker {
 
 impl Broker {
     pub async fn connect(names: &Names, schedule: &[&str]) -> Self {
-        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.expect("broker");
+        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("broker");
         let channel = conn.create_channel().await.unwrap();
-        channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
         let mut queues = vec![names.deliver(), names.dead()];
-        queues.extend(schedule.iter().map(|d| format!("{}.retry.{d}", names.prefix)));
-        Self { names: names.clone(), conn, channel, queues }
+        queues.extend(
+            schedule
+                .iter()
+                .map(|d| format!("{}.retry.{d}", names.prefix)),
+        );
+        Self {
+            names: names.clone(),
+            conn,
+            channel,
+            queues,
+        }
     }
 
     /// Publishes bodies to the test exchange with routing key `<account>.<type>`, confirmed.
     pub async fn publish(&self, bodies: &[Vec<u8>]) {
-        self.publish_with(bodies, BasicProperties::default().with_delivery_mode(2)).await;
+        self.publish_with(bodies, BasicProperties::default().with_delivery_mode(2))
+            .await;
     }
 
     pub async fn publish_with(&self, bodies: &[Vec<u8>], properties: BasicProperties) {
@@ -304,14 +361,23 @@ impl Broker {
         for body in bodies {
             let key = serde_json::from_slice::<serde_json::Value>(body)
                 .ok()
-                .map(|v| format!("{}.{}", v["account"].as_str().unwrap_or("x"), v["type"].as_str().unwrap_or("y")))
+                .map(|v| {
+                    format!(
+                        "{}.{}",
+                        v["account"].as_str().unwrap_or("x"),
+                        v["type"].as_str().unwrap_or("y")
+                    )
+                })
                 .unwrap_or_else(|| "bad.event".into());
             let confirm = self
                 .channel
                 .basic_publish(
                     self.names.exchange.as_str().into(),
                     key.as_str().into(),
-                    BasicPublishOptions { mandatory: true, ..Default::default() },
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
                     body,
                     properties.clone(),
                 )
@@ -320,12 +386,20 @@ impl Broker {
             confirms.push(confirm);
             if confirms.len() >= 500 {
                 for c in confirms.drain(..) {
-                    assert_eq!(c.await.unwrap(), lapin::Confirmation::Ack(None), "publish not confirmed");
+                    assert_eq!(
+                        c.await.unwrap(),
+                        lapin::Confirmation::Ack(None),
+                        "publish not confirmed"
+                    );
                 }
             }
         }
         for c in confirms {
-            assert_eq!(c.await.unwrap(), lapin::Confirmation::Ack(None), "publish not confirmed");
+            assert_eq!(
+                c.await.unwrap(),
+                lapin::Confirmation::Ack(None),
+                "publish not confirmed"
+            );
         }
     }
 
@@ -333,8 +407,17 @@ impl Broker {
     pub async fn drain(&self, queue: &str) -> Vec<(Vec<u8>, FieldTable)> {
         let channel = self.conn.create_channel().await.unwrap();
         let mut out = Vec::new();
-        while let Some(msg) = channel.basic_get(queue.into(), BasicGetOptions::default()).await.unwrap() {
-            let headers = msg.delivery.properties.headers().clone().unwrap_or_default();
+        while let Some(msg) = channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+        {
+            let headers = msg
+                .delivery
+                .properties
+                .headers()
+                .clone()
+                .unwrap_or_default();
             msg.delivery.ack(BasicAckOptions::default()).await.unwrap();
             out.push((msg.delivery.data.clone(), headers));
         }
@@ -345,7 +428,14 @@ impl Broker {
     pub async fn depth(&self, queue: &str) -> u32 {
         let channel = self.conn.create_channel().await.unwrap();
         channel
-            .queue_declare(queue.into(), lapin::options::QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
             .await
             .map(|q| q.message_count())
             .unwrap_or(0)
@@ -370,14 +460,27 @@ impl Drop for Broker {
         let exchange = self.names.exchange.clone();
         // Drop cannot await: clean up on a thread of its own.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async move {
-                let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await else { return };
-                let Ok(channel) = conn.create_channel().await else { return };
+                let Ok(conn) =
+                    Connection::connect(&amqp_url(), ConnectionProperties::default()).await
+                else {
+                    return;
+                };
+                let Ok(channel) = conn.create_channel().await else {
+                    return;
+                };
                 for q in queues {
-                    let _ = channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+                    let _ = channel
+                        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                        .await;
                 }
-                let _ = channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
+                let _ = channel
+                    .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                    .await;
                 let _ = conn.close(200, "cleanup".into()).await;
             });
         })
@@ -417,7 +520,11 @@ impl TestWorker {
             assert!(Instant::now() < deadline, "worker not ready in time");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Self { metrics, stop, handle }
+        Self {
+            metrics,
+            stop,
+            handle,
+        }
     }
 
     /// A metric's value summed over the label sets whose rendering contains every
@@ -440,7 +547,10 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .filter(|l| {
             let (metric, _) = l.split_once(' ').unwrap_or((l, ""));
             let base = metric.split('{').next().unwrap();
-            base == name && labels.iter().all(|(k, v)| metric.contains(&format!("{k}=\"{v}\"")))
+            base == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| metric.contains(&format!("{k}=\"{v}\"")))
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()

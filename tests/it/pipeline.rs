@@ -55,7 +55,10 @@ companies_url = "{}"
         bodies.push(body.into_bytes());
     }
     broker.publish(&bodies).await;
-    assert_eq!(receiver.wait_for_events(60, Duration::from_secs(20)).await, 60);
+    assert_eq!(
+        receiver.wait_for_events(60, Duration::from_secs(20)).await,
+        60
+    );
     worker.shutdown().await;
 
     let mut seen = HashSet::new();
@@ -68,14 +71,29 @@ companies_url = "{}"
             }
             _ => {
                 assert_eq!(request.body[0], b'[', "batch_size 7 sends arrays");
-                assert!(events.len() <= 7, "a batch of {} exceeds batch_size 7", events.len());
+                assert!(
+                    events.len() <= 7,
+                    "a batch of {} exceeds batch_size 7",
+                    events.len()
+                );
                 // Joined with commas only: the body is exactly "[" + events + "]".
-                assert_eq!(request.body.len(), 2 + events.iter().map(String::len).sum::<usize>() + events.len() - 1);
+                assert_eq!(
+                    request.body.len(),
+                    2 + events.iter().map(String::len).sum::<usize>() + events.len() - 1
+                );
             }
         }
-        assert_eq!(request.header("x-courier-event-count"), Some(events.len().to_string().as_str()));
+        assert_eq!(
+            request.header("x-courier-event-count"),
+            Some(events.len().to_string().as_str())
+        );
         assert_eq!(request.header("content-type"), Some("application/json"));
-        assert!(request.header("user-agent").unwrap().starts_with("courier/"));
+        assert!(
+            request
+                .header("user-agent")
+                .unwrap()
+                .starts_with("courier/")
+        );
         for event in events {
             let id = event_id(event.as_bytes());
             let (body, path) = &published[&id];
@@ -85,7 +103,11 @@ companies_url = "{}"
         }
     }
     assert_eq!(seen.len(), 60);
-    assert_eq!(broker.depth(&names.deliver()).await, 0, "every message acked");
+    assert_eq!(
+        broker.depth(&names.deliver()).await,
+        0,
+        "every message acked"
+    );
 }
 
 #[tokio::test]
@@ -102,14 +124,33 @@ async fn a_part_filled_batch_flushes_on_its_interval() {
     };
     let worker = TestWorker::spawn(settings(&names, &spec)).await;
     let published = std::time::Instant::now();
-    broker.publish(&[event("a", "acme", "company"), event("b", "acme", "company"), event("c", "acme", "company")]).await;
-    assert_eq!(receiver.wait_for_events(3, Duration::from_secs(10)).await, 3);
+    broker
+        .publish(&[
+            event("a", "acme", "company"),
+            event("b", "acme", "company"),
+            event("c", "acme", "company"),
+        ])
+        .await;
+    assert_eq!(
+        receiver.wait_for_events(3, Duration::from_secs(10)).await,
+        3
+    );
     let waited = published.elapsed();
     let requests = receiver.accepted();
     assert_eq!(requests.len(), 1, "one batch of three");
-    assert_eq!(requests[0].ids(), vec!["a", "b", "c"], "consumption order kept inside a body");
-    assert!(waited >= Duration::from_millis(250), "flushed before the interval: {waited:?}");
-    assert_eq!(worker.metric("courier_batches_flushed_total", &[("reason", "interval")]), 1.0);
+    assert_eq!(
+        requests[0].ids(),
+        vec!["a", "b", "c"],
+        "consumption order kept inside a body"
+    );
+    assert!(
+        waited >= Duration::from_millis(250),
+        "flushed before the interval: {waited:?}"
+    );
+    assert_eq!(
+        worker.metric("courier_batches_flushed_total", &[("reason", "interval")]),
+        1.0
+    );
     worker.shutdown().await;
 }
 
@@ -127,19 +168,39 @@ async fn a_full_prefetch_window_flushes_early() {
             receiver.url(&format!("/a{a}"))
         ));
     }
-    let spec = ConfigSpec { broker: "prefetch = 200".into(), accounts, ..Default::default() };
+    let spec = ConfigSpec {
+        broker: "prefetch = 200".into(),
+        accounts,
+        ..Default::default()
+    };
     let worker = TestWorker::spawn(settings(&names, &spec)).await;
-    let bodies: Vec<Vec<u8>> = (0..2000).map(|i| event(&format!("e{i}"), &format!("acct{}", i % 100), "company")).collect();
+    let bodies: Vec<Vec<u8>> = (0..2000)
+        .map(|i| event(&format!("e{i}"), &format!("acct{}", i % 100), "company"))
+        .collect();
     broker.publish(&bodies).await;
-    let got = receiver.wait_for_events(2000 - 200, Duration::from_secs(30)).await;
-    assert!(got >= 1800, "only {got} of 2000 events arrived within 30 s of a 60 s interval");
+    let got = receiver
+        .wait_for_events(2000 - 200, Duration::from_secs(30))
+        .await;
+    assert!(
+        got >= 1800,
+        "only {got} of 2000 events arrived within 30 s of a 60 s interval"
+    );
     assert!(worker.metric("courier_batches_flushed_total", &[("reason", "window")]) > 0.0);
-    assert_eq!(worker.metric("courier_batches_flushed_total", &[("reason", "interval")]), 0.0);
+    assert_eq!(
+        worker.metric("courier_batches_flushed_total", &[("reason", "interval")]),
+        0.0
+    );
     // Shutdown flushes what is batched; prefetched messages not yet batched go back to
     // the queue. Nothing is lost either way.
     worker.shutdown().await;
     let mut ids: HashSet<String> = receiver.delivered_ids().into_iter().collect();
-    ids.extend(broker.drain(&names.deliver()).await.iter().map(|(b, _)| event_id(b)));
+    ids.extend(
+        broker
+            .drain(&names.deliver())
+            .await
+            .iter()
+            .map(|(b, _)| event_id(b)),
+    );
     assert_eq!(ids.len(), 2000, "delivered ∪ returned = published");
 }
 
@@ -173,17 +234,34 @@ headers = {{ Authorization = "Bearer tok-123", X-Tenant = "acme" }}
             event("p2", "acme", "contact"),
         ])
         .await;
-    assert_eq!(receiver.wait_for_events(2, Duration::from_secs(10)).await, 2);
-    assert!(eventually(Duration::from_secs(5), || worker.metric("courier_events_skipped_total", &[("reason", "contacts_disabled")]) == 2.0).await);
+    assert_eq!(
+        receiver.wait_for_events(2, Duration::from_secs(10)).await,
+        2
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || worker.metric(
+            "courier_events_skipped_total",
+            &[("reason", "contacts_disabled")]
+        ) == 2.0)
+        .await
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let requests = receiver.accepted();
-    assert_eq!(receiver.delivered_ids(), vec!["c1", "c2"], "contacts are not sent");
+    assert_eq!(
+        receiver.delivered_ids(),
+        vec!["c1", "c2"],
+        "contacts are not sent"
+    );
     assert_eq!(requests.len(), 1);
     let request = &requests[0];
     assert_eq!(request.header("authorization"), Some("Bearer tok-123"));
     assert_eq!(request.header("x-tenant"), Some("acme"));
     let signature = request.header("x-goodfit-hmac-sha256").expect("signed");
-    assert!(courier::sign::verify(b"it's a $ecret", &request.body, signature));
+    assert!(courier::sign::verify(
+        b"it's a $ecret",
+        &request.body,
+        signature
+    ));
 
     // An independent implementation agrees: openssl, over the exact bytes received.
     let dir = std::env::temp_dir().join(format!("courier-sig-{}", suffix()));
@@ -195,7 +273,12 @@ headers = {{ Authorization = "Bearer tok-123", X-Tenant = "acme" }}
         .arg(&body_file)
         .output()
         .expect("openssl runs");
-    let hex = String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_owned();
+    let hex = String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
     assert_eq!(signature, format!("sha256={hex}"));
 
     // The receiver examples of docs/ accept the real output unchanged.
@@ -205,7 +288,11 @@ headers = {{ Authorization = "Bearer tok-123", X-Tenant = "acme" }}
         .args(["it's a $ecret", body_file.to_str().unwrap(), signature])
         .output()
         .expect("python3 runs");
-    assert!(python.status.success(), "verify.py: {}", String::from_utf8_lossy(&python.stdout));
+    assert!(
+        python.status.success(),
+        "verify.py: {}",
+        String::from_utf8_lossy(&python.stdout)
+    );
     let forged = std::process::Command::new("python3")
         .arg(format!("{root}/docs/examples/verify.py"))
         .args(["wrong secret", body_file.to_str().unwrap(), signature])
@@ -217,11 +304,21 @@ headers = {{ Authorization = "Bearer tok-123", X-Tenant = "acme" }}
         .args(["it's a $ecret", body_file.to_str().unwrap(), signature])
         .output()
     {
-        Ok(node) => assert!(node.status.success(), "verify.js: {}", String::from_utf8_lossy(&node.stdout)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => eprintln!("node not installed: verify.js not run"),
+        Ok(node) => assert!(
+            node.status.success(),
+            "verify.js: {}",
+            String::from_utf8_lossy(&node.stdout)
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("node not installed: verify.js not run")
+        }
         Err(e) => panic!("node: {e}"),
     }
     let _ = std::fs::remove_dir_all(&dir);
-    assert_eq!(broker.depth(&names.deliver()).await, 0, "skipped contacts were acked");
+    assert_eq!(
+        broker.depth(&names.deliver()).await,
+        0,
+        "skipped contacts were acked"
+    );
     worker.shutdown().await;
 }
