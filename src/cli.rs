@@ -36,6 +36,11 @@ pub enum Command {
         #[arg(long)]
         skip_invalid: bool,
     },
+    /// Inspect or replay the dead-letter queue.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// A local receiver for trying a setup: accepts POST on any path, prints a line each.
     Receive {
         /// Address to listen on, e.g. 127.0.0.1:8787.
@@ -47,5 +52,30 @@ pub enum Command {
         /// The signature header to verify.
         #[arg(long, default_value = DEFAULT_SIGNATURE_HEADER)]
         header: String,
+    },
+}
+
+/// `courier dlq ...`.
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// Count dead letters by reason, account and type, with samples; every message stays.
+    List {
+        /// Event ids shown per group.
+        #[arg(long, default_value_t = 3)]
+        samples: usize,
+    },
+    /// Move matching dead letters back to delivery, retry headers reset; the rest stay.
+    Replay {
+        #[arg(long)]
+        account: Option<String>,
+        /// Record type: company or contact.
+        #[arg(long = "type", value_name = "TYPE")]
+        kind: Option<String>,
+        /// A reason such as retries_exhausted, rejected_400 or delivery_limit.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Replay at most this many.
+        #[arg(long)]
+        limit: Option<usize>,
     },
 }

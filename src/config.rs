@@ -236,6 +236,35 @@ impl Account {
     }
 }
 
+/// The first section that differs between two configurations and needs a restart
+/// (`[broker]`, `[admin]`, `[log]`); `None` when a reload may apply `new`.
+pub fn restart_only_change(old: &Settings, new: &Settings) -> Option<&'static str> {
+    let (a, b) = (&old.broker, &new.broker);
+    let urls = |s: &BrokerSettings| {
+        s.urls
+            .iter()
+            .map(|u| u.expose().to_owned())
+            .collect::<Vec<_>>()
+    };
+    if urls(a) != urls(b)
+        || a.exchange != b.exchange
+        || a.queue_prefix != b.queue_prefix
+        || a.prefetch != b.prefetch
+        || a.shards != b.shards
+        || a.max_event_bytes != b.max_event_bytes
+        || a.delivery_limit != b.delivery_limit
+    {
+        return Some("[broker]");
+    }
+    if old.admin.listen != new.admin.listen {
+        return Some("[admin]");
+    }
+    if old.log.level != new.log.level || old.log.format != new.log.format {
+        return Some("[log]");
+    }
+    None
+}
+
 /// A URL shown as scheme, host and port only: paths and queries of webhook URLs often
 /// carry tokens.
 pub fn redact_url(url: &Url) -> String {

@@ -10,6 +10,7 @@
 //! - [`batch`]: the accumulator, one open batch per destination.
 //! - [`sign`]: HMAC signatures and delivery ids; pure functions.
 //! - [`deliver`]: one HTTP attempt and its `Outcome`.
+//! - [`retry`]: immediate backoff and the next scheduled tier; [`circuit`]: the breaker.
 //! - [`guard`]: the private-network guard on destination addresses.
 //! - [`worker`]: the pipeline itself; owns the acknowledgements.
 //! - [`metrics`]: every metric in one struct; [`admin`]: `/metrics`, `/healthz`, `/readyz`.
@@ -19,6 +20,7 @@
 pub mod admin;
 pub mod batch;
 pub mod broker;
+pub mod circuit;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -26,6 +28,7 @@ pub mod deliver;
 pub mod event;
 pub mod guard;
 pub mod metrics;
+pub mod retry;
 pub mod sign;
 pub mod telemetry;
 pub mod worker;

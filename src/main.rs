@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-use courier::cli::{Cli, Command};
+use courier::cli::{Cli, Command, DlqCommand};
 use courier::config::{self, LogFormat, Settings};
 use courier::{commands, telemetry, worker};
 
@@ -59,10 +59,9 @@ async fn run_command(cli: Cli) -> Result<(), u8> {
             tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %settings.source.display(), accounts = settings.accounts.len(), "courier starting");
             let shutdown = CancellationToken::new();
             tokio::spawn(on_signal(shutdown.clone()));
-            worker::Worker::new(settings)
-                .run(shutdown)
-                .await
-                .map_err(|e| fail(&e))?;
+            let worker = worker::Worker::new(settings);
+            tokio::spawn(on_hangup(worker.reloader()));
+            worker.run(shutdown).await.map_err(|e| fail(&e))?;
             tracing::info!("courier stopped");
         }
         Command::Publish { file, skip_invalid } => {
@@ -91,6 +90,40 @@ async fn run_command(cli: Cli) -> Result<(), u8> {
                 summary.published, summary.skipped
             );
         }
+        Command::Dlq { command } => {
+            let settings = load(&cli)?;
+            telemetry::init(&settings.log.level, settings.log.format);
+            match command {
+                DlqCommand::List { samples } => {
+                    let listing = commands::dlq::list(&settings, *samples)
+                        .await
+                        .map_err(|e| fail(&e))?;
+                    print!("{}", listing.render(&settings.broker.dead_queue()));
+                }
+                DlqCommand::Replay {
+                    account,
+                    kind,
+                    reason,
+                    limit,
+                } => {
+                    let filter = commands::dlq::Filter {
+                        account: account.clone(),
+                        kind: kind.clone(),
+                        reason: reason.clone(),
+                        limit: *limit,
+                    };
+                    let done = commands::dlq::replay(&settings, &filter)
+                        .await
+                        .map_err(|e| fail(&e))?;
+                    println!(
+                        "replayed {} of {} dead letter(s) examined to {}",
+                        done.replayed,
+                        done.examined,
+                        settings.broker.deliver_queue()
+                    );
+                }
+            }
+        }
         Command::Receive {
             listen,
             secret,
@@ -113,6 +146,17 @@ async fn run_command(cli: Cli) -> Result<(), u8> {
 fn fail(error: &dyn std::fmt::Display) -> u8 {
     eprintln!("courier: {error}");
     RUNTIME_FAILURE
+}
+
+/// Reloads the configuration on every SIGHUP.
+async fn on_hangup(reloader: worker::Reloader) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the configuration");
+        // The outcome is logged and counted by the reloader.
+        let _ = reloader.reload().await;
+    }
 }
 
 /// Cancels `token` on SIGTERM or SIGINT.

@@ -13,23 +13,26 @@ use std::time::{Duration, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
+use futures_util::future::join_all;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Acker, BasicProperties, Connection, Consumer};
 use secrecy::ExposeSecret;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::batch::{Accumulator, Flushed, Limits};
 use crate::broker::{self, BrokerError, Publisher, history_free_headers};
+use crate::circuit::{Admission, Breakers};
 use crate::config::{Account, Settings, redact_url};
 use crate::deliver::{Outcome, Request, Sender, encode_body};
 use crate::event::{self, RecordType};
 use crate::metrics::{Metrics, RequestOutcome};
+use crate::retry::{self, Next};
 use crate::{admin, sign};
 
 /// Why the worker stopped with an error (exit code 1).
@@ -62,21 +65,56 @@ struct Pending {
 }
 
 /// Why an event goes to the dead-letter queue, with the headers that explain it.
-struct DeadLetter<'a> {
+struct DeadLetter {
     reason: String,
-    account: &'a str,
-    kind: &'a str,
+    account: String,
+    kind: String,
     status: Option<u16>,
-    error: &'a str,
+    error: String,
     destination: Option<String>,
+}
+
+impl DeadLetter {
+    fn new(reason: &str, account: &str, kind: &str, error: String) -> Self {
+        Self {
+            reason: reason.to_owned(),
+            account: account.to_owned(),
+            kind: kind.to_owned(),
+            status: None,
+            error,
+            destination: None,
+        }
+    }
 }
 
 /// Unsettled messages of one channel: the prefetch window in use. Each channel
 /// generation gets its own, so late settlements of a dead channel never skew a new one.
 type Window = Arc<AtomicUsize>;
 
+/// What batches are formed under: the settings and the clients built from them.
+/// Replaced on reload; a batch keeps the one it was formed under.
+struct Live {
+    settings: Arc<Settings>,
+    sender: Sender,
+    /// Requests in flight, all destinations together.
+    requests: Arc<Semaphore>,
+}
+
+impl Live {
+    fn new(settings: Arc<Settings>) -> Result<Self, reqwest::Error> {
+        let sender = Sender::new(&settings.delivery)?;
+        let requests = Arc::new(Semaphore::new(settings.delivery.max_concurrency));
+        Ok(Self {
+            settings,
+            sender,
+            requests,
+        })
+    }
+}
+
 /// A flushed batch with what its delivery task needs.
 struct Batch {
+    live: Arc<Live>,
     account: Arc<Account>,
     kind: RecordType,
     limits: Limits,
@@ -87,11 +125,11 @@ struct Batch {
 
 /// State shared by the consumer loop and the delivery tasks.
 struct Shared {
-    settings: Arc<Settings>,
+    /// The settings the worker started with: `[broker]` cannot change without a restart.
+    broker: crate::config::BrokerSettings,
     metrics: Arc<Metrics>,
-    sender: Sender,
     publisher: Publisher,
-    requests: Semaphore,
+    circuits: std::sync::Mutex<Breakers<Key>>,
     tracker: TaskTracker,
 }
 
@@ -100,13 +138,64 @@ pub struct Worker {
     settings: Arc<Settings>,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
+    reload: Arc<watch::Sender<Arc<Settings>>>,
+}
+
+/// Applies a new configuration file to a running worker (SIGHUP).
+#[derive(Clone)]
+pub struct Reloader {
+    metrics: Arc<Metrics>,
+    reload: Arc<watch::Sender<Arc<Settings>>>,
+}
+
+impl Reloader {
+    /// Reads the worker's configuration file again. A valid file that changes only
+    /// reloadable sections takes effect for batches formed afterwards; otherwise the old
+    /// configuration stays, and the error is returned, logged and counted.
+    pub async fn reload(&self) -> Result<(), String> {
+        let current = self.reload.borrow().clone();
+        let result = async {
+            let new = crate::config::load(&current.source).map_err(|e| e.to_string())?;
+            if let Some(section) = crate::config::restart_only_change(&current, &new) {
+                return Err(format!(
+                    "{section} changed: it needs a restart; the reload was refused"
+                ));
+            }
+            if new.retry.schedule != current.retry.schedule {
+                // New tiers need their queues before anything is published to them.
+                let conn = broker::connect(&new.broker.urls, "courier reload")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let declared = broker::declare(&conn, &new.broker, &new.retry.schedule).await;
+                let _ = conn.close(200, "declared".into()).await;
+                declared.map_err(|e| e.to_string())?;
+            }
+            Ok(new)
+        }
+        .await;
+        match result {
+            Ok(new) => {
+                tracing::info!(config = %new.source.display(), accounts = new.accounts.len(), "configuration reloaded");
+                self.metrics.config_reload(true);
+                self.reload.send_replace(Arc::new(new));
+                Ok(())
+            }
+            Err(error) => {
+                tracing::error!(%error, "configuration reload failed; the old configuration stays");
+                self.metrics.config_reload(false);
+                Err(error)
+            }
+        }
+    }
 }
 
 impl Worker {
     /// A worker for these settings, with fresh metrics.
     pub fn new(settings: Settings) -> Self {
+        let settings = Arc::new(settings);
         Self {
-            settings: Arc::new(settings),
+            reload: Arc::new(watch::channel(settings.clone()).0),
+            settings,
             metrics: Arc::new(Metrics::new()),
             ready: Arc::new(AtomicBool::new(false)),
         }
@@ -122,11 +211,18 @@ impl Worker {
         self.ready.clone()
     }
 
+    /// A handle that reloads the configuration file.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            metrics: self.metrics.clone(),
+            reload: self.reload.clone(),
+        }
+    }
+
     /// Runs the pipeline until `shutdown` is cancelled, then flushes open batches and
     /// gives in-flight work up to `shutdown_timeout`.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), RunError> {
         let settings = self.settings.clone();
-        let metrics = self.metrics.clone();
         let admin_stop = CancellationToken::new();
         let listener = tokio::net::TcpListener::bind(settings.admin.listen)
             .await
@@ -137,7 +233,7 @@ impl Worker {
         tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin endpoints up");
         let admin = tokio::spawn(admin::serve(
             listener,
-            metrics.clone(),
+            self.metrics.clone(),
             self.ready.clone(),
             admin_stop.clone(),
         ));
@@ -148,27 +244,27 @@ impl Worker {
     }
 
     async fn pipeline(self, shutdown: CancellationToken) -> Result<(), RunError> {
-        let settings = self.settings.clone();
         let metrics = self.metrics.clone();
-        let sender = Sender::new(&settings.delivery)?;
+        let mut reloads = self.reload.subscribe();
+        let mut live = Arc::new(Live::new(reloads.borrow_and_update().clone())?);
+        let broker = self.settings.broker.clone();
         let publisher = Publisher::connect(
-            &settings.broker.urls,
-            &format!("courier publish {}", settings.broker.queue_prefix),
+            &broker.urls,
+            &format!("courier publish {}", broker.queue_prefix),
         )
         .await?;
         let shared = Arc::new(Shared {
-            settings: settings.clone(),
+            broker,
             metrics: metrics.clone(),
-            sender,
             publisher,
-            requests: Semaphore::new(settings.delivery.max_concurrency),
+            circuits: std::sync::Mutex::new(Breakers::default()),
             tracker: TaskTracker::new(),
         });
         let mut destinations: HashMap<Key, Arc<Semaphore>> = HashMap::new();
         let mut reconnect = reconnect_backoff();
         let mut first = true;
         loop {
-            let session = match open_session(&settings).await {
+            let session = match open_session(&live.settings).await {
                 Ok(session) => session,
                 Err(e) if first || e.is_fatal() => return Err(e.into()),
                 Err(e) => {
@@ -187,9 +283,17 @@ impl Worker {
             reconnect = reconnect_backoff();
             metrics.set_broker_connected(true);
             self.ready.store(true, Ordering::SeqCst);
-            tracing::info!(queue = %settings.broker.deliver_queue(), prefetch = settings.broker.prefetch, "consuming");
+            tracing::info!(queue = %shared.broker.deliver_queue(), prefetch = shared.broker.prefetch, "consuming");
 
-            let ended = consume(&shared, session.consumer, &mut destinations, &shutdown).await;
+            let ended = consume(
+                &shared,
+                &mut live,
+                &mut reloads,
+                session.consumer,
+                &mut destinations,
+                &shutdown,
+            )
+            .await;
             self.ready.store(false, Ordering::SeqCst);
             match ended {
                 Ended::Shutdown => {
@@ -198,7 +302,7 @@ impl Worker {
                         .basic_cancel(session.tag.as_str().into(), BasicCancelOptions::default())
                         .await;
                     shared.tracker.close();
-                    let grace = settings.shutdown_timeout;
+                    let grace = live.settings.shutdown_timeout;
                     if tokio::time::timeout(grace, shared.tracker.wait())
                         .await
                         .is_err()
@@ -222,7 +326,7 @@ impl Worker {
         }
         // Shut down while reconnecting: nothing is open on the broker side.
         shared.tracker.close();
-        let _ = tokio::time::timeout(settings.shutdown_timeout, shared.tracker.wait()).await;
+        let _ = tokio::time::timeout(live.settings.shutdown_timeout, shared.tracker.wait()).await;
         shared.publisher.close().await;
         Ok(())
     }
@@ -288,42 +392,18 @@ enum Ended {
 }
 
 /// The consumer loop: takes deliveries, batches them, and hands flushed batches to
-/// delivery tasks.
+/// delivery tasks. A reload swaps `live` for batches formed afterwards.
 async fn consume(
     shared: &Arc<Shared>,
+    live: &mut Arc<Live>,
+    reloads: &mut watch::Receiver<Arc<Settings>>,
     mut consumer: Consumer,
     destinations: &mut HashMap<Key, Arc<Semaphore>>,
     shutdown: &CancellationToken,
 ) -> Ended {
-    let settings = &shared.settings;
-    let prefetch = settings.broker.prefetch as usize;
+    let prefetch = shared.broker.prefetch as usize;
     let window: Window = Arc::new(AtomicUsize::new(0));
-    let mut acc: Accumulator<Key, Arc<Account>, Pending> = Accumulator::default();
-    let mut dispatch = |flushed: Flushed<Key, Arc<Account>, Pending>| {
-        let destination = destinations
-            .entry(flushed.key.clone())
-            .or_insert_with(|| {
-                Arc::new(Semaphore::new(
-                    settings.delivery.max_inflight_per_destination,
-                ))
-            })
-            .clone();
-        shared.metrics.batch_flushed(
-            &flushed.key.0,
-            flushed.key.1,
-            flushed.items.len(),
-            flushed.reason,
-        );
-        let batch = Batch {
-            account: flushed.ctx,
-            kind: flushed.key.1,
-            limits: flushed.limits,
-            items: flushed.items,
-            window: window.clone(),
-            destination,
-        };
-        spawn_delivery(shared, batch);
-    };
+    let mut acc: Accumulator<Key, (Arc<Live>, Arc<Account>), Pending> = Accumulator::default();
     let ended = loop {
         let deadline = acc.next_deadline();
         let due = async {
@@ -332,11 +412,49 @@ async fn consume(
                 None => std::future::pending().await,
             }
         };
+        let mut dispatch = |flushed: Flushed<Key, (Arc<Live>, Arc<Account>), Pending>| {
+            let (live, account) = flushed.ctx;
+            let limit = live.settings.delivery.max_inflight_per_destination;
+            let destination = destinations
+                .entry(flushed.key.clone())
+                .or_insert_with(|| Arc::new(Semaphore::new(limit)))
+                .clone();
+            shared.metrics.batch_flushed(
+                &flushed.key.0,
+                flushed.key.1,
+                flushed.items.len(),
+                flushed.reason,
+            );
+            let batch = Batch {
+                live,
+                account,
+                kind: flushed.key.1,
+                limits: flushed.limits,
+                items: flushed.items,
+                window: window.clone(),
+                destination,
+            };
+            spawn_delivery(shared, batch);
+        };
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
                 acc.drain(&mut dispatch);
                 break Ended::Shutdown;
+            }
+            Ok(()) = reloads.changed() => {
+                let settings = reloads.borrow_and_update().clone();
+                match Live::new(settings) {
+                    Ok(new) => {
+                        if new.settings.delivery.max_inflight_per_destination
+                            != live.settings.delivery.max_inflight_per_destination
+                        {
+                            destinations.clear();
+                        }
+                        *live = Arc::new(new);
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot build the HTTP client of the new configuration"),
+                }
             }
             _ = due => acc.expired(Instant::now(), &mut dispatch),
             next = consumer.next() => {
@@ -346,14 +464,15 @@ async fn consume(
                     None => break Ended::Lost("the consumer was cancelled".into()),
                 };
                 window.fetch_add(1, Ordering::SeqCst);
-                if let Some((key, account, pending)) = route(shared, delivery, &window).await {
+                if let Some((key, account, pending)) = route(shared, live, delivery, &window).await {
                     let limits = Limits {
                         batch_size: account.batch_size,
-                        max_body_bytes: settings.delivery.max_body_bytes,
+                        max_body_bytes: live.settings.delivery.max_body_bytes,
                         flush_interval: account.flush_interval,
                     };
                     let len = pending.body.len();
-                    acc.push(&key, pending, len, Instant::now(), || (account, limits), &mut dispatch);
+                    let ctx = (live.clone(), account);
+                    acc.push(&key, pending, len, Instant::now(), || (ctx, limits), &mut dispatch);
                 }
                 // A full window means no new message can arrive: flush the fullest
                 // batches instead of waiting for their timers.
@@ -377,10 +496,11 @@ async fn consume(
 /// (skip) or in a task of its own (dead letter).
 async fn route(
     shared: &Arc<Shared>,
+    live: &Live,
     delivery: lapin::message::Delivery,
     window: &Window,
 ) -> Option<(Key, Arc<Account>, Pending)> {
-    let settings = &shared.settings;
+    let settings = &live.settings;
     let lapin::message::Delivery {
         data,
         properties,
@@ -407,17 +527,9 @@ async fn route(
     };
     match parsed {
         Err(invalid) => {
-            let item = pending(String::new(), first_seen);
-            let dead = DeadLetter {
-                reason: "invalid_event".into(),
-                account: "",
-                kind: "",
-                status: None,
-                error: &invalid.0,
-                destination: None,
-            };
             tracing::warn!(error = %invalid, "invalid event dead-lettered");
-            spawn_dead_letter(shared, item, dead, window);
+            let dead = DeadLetter::new("invalid_event", "", "", invalid.0);
+            spawn_dead_letter(shared, pending(String::new(), first_seen), dead, window);
             None
         }
         Ok((id, account_id, kind, occurred_at)) => {
@@ -426,14 +538,7 @@ async fn route(
             let Some(account) = settings.accounts.get(&account_id) else {
                 tracing::warn!(account = %account_id, "event of an unknown account dead-lettered");
                 let error = format!("account {account_id:?} is not configured");
-                let dead = DeadLetter {
-                    reason: "unknown_account".into(),
-                    account: &account_id,
-                    kind: kind.as_str(),
-                    status: None,
-                    error: &error,
-                    destination: None,
-                };
+                let dead = DeadLetter::new("unknown_account", &account_id, kind.as_str(), error);
                 spawn_dead_letter(shared, item, dead, window);
                 return None;
             };
@@ -450,26 +555,12 @@ async fn route(
     }
 }
 
-fn spawn_dead_letter(shared: &Arc<Shared>, item: Pending, dead: DeadLetter<'_>, window: &Window) {
+fn spawn_dead_letter(shared: &Arc<Shared>, item: Pending, dead: DeadLetter, window: &Window) {
     let shared2 = shared.clone();
     let window = window.clone();
-    let reason = dead.reason.clone();
-    let account = dead.account.to_owned();
-    let kind = dead.kind.to_owned();
-    let error = dead.error.to_owned();
-    let status = dead.status;
-    let destination = dead.destination.clone();
-    shared.tracker.spawn(async move {
-        let dead = DeadLetter {
-            reason,
-            account: &account,
-            kind: &kind,
-            status,
-            error: &error,
-            destination,
-        };
-        dead_letter(&shared2, item, &dead, &window).await;
-    });
+    shared
+        .tracker
+        .spawn(async move { dead_letter(&shared2, item, &dead, &window).await });
 }
 
 /// Acks (or nacks with requeue) one message and releases its window slot.
@@ -496,10 +587,20 @@ fn spawn_delivery(shared: &Arc<Shared>, batch: Batch) {
     shared.tracker.spawn(deliver(shared.clone(), batch));
 }
 
-/// Delivers one batch: immediate attempts with backoff, then settle.
+/// Why a batch left the immediate stage.
+struct Failure {
+    status: Option<u16>,
+    error: String,
+    /// A `Retry-After` longer than the immediate stage allows.
+    retry_after: Option<Duration>,
+    destination: String,
+}
+
+/// Delivers one batch: circuit check, immediate attempts with backoff, then settle
+/// (ack, split, dead-letter, or scheduled retry).
 async fn deliver(shared: Arc<Shared>, batch: Batch) {
-    let settings = &shared.settings;
     let Batch {
+        live,
         account,
         kind,
         limits,
@@ -507,6 +608,7 @@ async fn deliver(shared: Arc<Shared>, batch: Batch) {
         window,
         destination,
     } = batch;
+    let key: Key = (account.id.clone(), kind);
     let url = account.url(kind).expect("only routable events are batched");
     let body = encode_body(limits.batch_size, items.iter().map(|p| p.body.as_slice()));
     let signature = account
@@ -514,21 +616,30 @@ async fn deliver(shared: Arc<Shared>, batch: Batch) {
         .as_ref()
         .map(|s| sign::signature(s.expose_secret().as_bytes(), &body));
     let delivery_id = sign::delivery_id(items.iter().map(|p| p.id.as_str()));
-    let retry = &settings.retry;
-    let mut backoff = ExponentialBuilder::default()
-        .with_min_delay(retry.initial_interval)
-        .with_max_delay(retry.max_interval)
-        .with_jitter()
-        .without_max_times()
-        .build();
+    let retry = &live.settings.retry;
+    let mut backoff = retry::immediate_backoff(retry);
     let mut attempt = 1;
-    let (status, error) = loop {
+    let failure = |status, error, retry_after| Failure {
+        status,
+        error,
+        retry_after,
+        destination: redact_url(url),
+    };
+    let failure = loop {
+        let admission = shared
+            .circuits
+            .lock()
+            .expect("circuit lock")
+            .admit(&key, Instant::now());
+        if admission == Admission::Refuse {
+            break failure(None, format!("circuit open for {}", redact_url(url)), None);
+        }
         let outcome = {
             let _slot = destination.acquire().await.expect("never closed");
-            let _permit = shared.requests.acquire().await.expect("never closed");
+            let _permit = live.requests.acquire().await.expect("never closed");
             shared.metrics.inflight_add(1);
             let started = Instant::now();
-            let outcome = shared
+            let outcome = live
                 .sender
                 .send(Request {
                     account: &account,
@@ -553,6 +664,16 @@ async fn deliver(shared: Arc<Shared>, batch: Batch) {
         };
         match outcome {
             Outcome::Delivered { .. } => {
+                if shared
+                    .circuits
+                    .lock()
+                    .expect("circuit lock")
+                    .success(&key)
+                    .is_some()
+                {
+                    tracing::info!(account = %account.id, %kind, "circuit closed");
+                    shared.metrics.set_circuit_open(&account.id, kind, false);
+                }
                 let now = SystemTime::now();
                 for item in &items {
                     shared
@@ -562,43 +683,41 @@ async fn deliver(shared: Arc<Shared>, batch: Batch) {
                 shared
                     .metrics
                     .events_delivered(&account.id, kind, items.len());
-                futures_util::future::join_all(
-                    items.into_iter().map(|item| settle(item, true, &window)),
-                )
-                .await;
-                return;
-            }
-            Outcome::Rejected { status } if items.len() > 1 => {
-                // Isolate the rejected events: each half is a batch of its own.
-                let mut first = items;
-                let second = first.split_off(first.len() / 2);
-                tracing::info!(account = %account.id, %kind, status, events = first.len() + second.len(), "batch rejected; splitting");
-                for half in [first, second] {
-                    shared.metrics.batch_split(&account.id, kind);
-                    let batch = Batch {
-                        account: account.clone(),
-                        kind,
-                        limits,
-                        items: half,
-                        window: window.clone(),
-                        destination: destination.clone(),
-                    };
-                    spawn_delivery(&shared, batch);
-                }
+                join_all(items.into_iter().map(|item| settle(item, true, &window))).await;
                 return;
             }
             Outcome::Rejected { status } => {
-                let error = format!("HTTP {status}: the receiver rejected the event");
-                let dead = DeadLetter {
-                    reason: format!("rejected_{status}"),
-                    account: &account.id,
-                    kind: kind.as_str(),
-                    status: Some(status),
-                    error: &error,
-                    destination: Some(redact_url(url)),
-                };
-                for item in items {
-                    dead_letter(&shared, item, &dead, &window).await;
+                shared.circuits.lock().expect("circuit lock").neutral(&key);
+                if items.len() > 1 {
+                    // Isolate the rejected events: each half is a batch of its own.
+                    let mut first = items;
+                    let second = first.split_off(first.len() / 2);
+                    tracing::info!(account = %account.id, %kind, status, events = first.len() + second.len(), "batch rejected; splitting");
+                    for half in [first, second] {
+                        shared.metrics.batch_split(&account.id, kind);
+                        let batch = Batch {
+                            live: live.clone(),
+                            account: account.clone(),
+                            kind,
+                            limits,
+                            items: half,
+                            window: window.clone(),
+                            destination: destination.clone(),
+                        };
+                        spawn_delivery(&shared, batch);
+                    }
+                } else {
+                    let mut dead = DeadLetter::new(
+                        &format!("rejected_{status}"),
+                        &account.id,
+                        kind.as_str(),
+                        format!("HTTP {status}: the receiver rejected the event"),
+                    );
+                    dead.status = Some(status);
+                    dead.destination = Some(redact_url(url));
+                    for item in items {
+                        dead_letter(&shared, item, &dead, &window).await;
+                    }
                 }
                 return;
             }
@@ -608,18 +727,26 @@ async fn deliver(shared: Arc<Shared>, batch: Batch) {
                 retry_after,
             } => {
                 tracing::debug!(account = %account.id, %kind, attempt, ?status, %error, "attempt failed");
-                if attempt >= retry.immediate_attempts {
-                    break (status, error);
+                let settings = &live.settings.circuit;
+                if shared
+                    .circuits
+                    .lock()
+                    .expect("circuit lock")
+                    .failure(&key, Instant::now(), settings)
+                    .is_some()
+                {
+                    tracing::warn!(account = %account.id, %kind, cooldown = ?settings.cooldown, "circuit opened");
+                    shared.metrics.set_circuit_open(&account.id, kind, true);
                 }
-                let delay = match retry_after {
-                    Some(wait) if wait <= retry.max_interval => wait,
-                    // Longer than the immediate stage allows: it belongs to a scheduled tier.
-                    Some(_) => break (status, error),
-                    None => backoff
-                        .next()
-                        .unwrap_or(retry.max_interval)
-                        .min(retry.max_interval),
-                };
+                let too_long = retry_after.filter(|wait| *wait > retry.max_interval);
+                if admission == Admission::Probe
+                    || attempt >= retry.immediate_attempts
+                    || too_long.is_some()
+                {
+                    break failure(status, error, too_long);
+                }
+                let delay =
+                    retry_after.unwrap_or_else(|| backoff.next().unwrap_or(retry.max_interval));
                 shared
                     .metrics
                     .events_retried(&account.id, kind, "immediate", items.len());
@@ -628,23 +755,75 @@ async fn deliver(shared: Arc<Shared>, batch: Batch) {
             }
         }
     };
-    // Scheduled retry tiers are not built yet: an event whose immediate attempts are used
-    // up is dead-lettered (and can be replayed from there).
-    tracing::warn!(account = %account.id, %kind, events = items.len(), ?status, %error, "retries exhausted; dead-lettering");
-    let dead = DeadLetter {
-        reason: "retries_exhausted".into(),
-        account: &account.id,
-        kind: kind.as_str(),
-        status,
-        error: &error,
-        destination: Some(redact_url(url)),
-    };
-    futures_util::future::join_all(
+    tracing::info!(account = %account.id, %kind, events = items.len(), status = ?failure.status, error = %failure.error, "to scheduled retry");
+    join_all(
         items
             .into_iter()
-            .map(|item| dead_letter(&shared, item, &dead, &window)),
+            .map(|item| schedule_retry(&shared, &live, &account.id, kind, item, &failure, &window)),
     )
     .await;
+}
+
+/// Republishes one event to its next retry tier (or dead-letters it when its retries are
+/// used up), then acks the original.
+async fn schedule_retry(
+    shared: &Shared,
+    live: &Live,
+    account: &str,
+    kind: RecordType,
+    item: Pending,
+    failure: &Failure,
+    window: &Window,
+) {
+    let now = SystemTime::now();
+    let retry = &live.settings.retry;
+    let retries = header_int(&item.properties, "x-courier-retries")
+        .unwrap_or(0)
+        .max(0) as usize;
+    let first_failure = header_time(&item.properties, "x-courier-first-failure").unwrap_or(now);
+    match retry::next_tier(
+        &retry.schedule,
+        retries,
+        failure.retry_after,
+        first_failure,
+        now,
+        retry.max_age,
+    ) {
+        Next::Exhausted => {
+            let mut dead = DeadLetter::new(
+                "retries_exhausted",
+                account,
+                kind.as_str(),
+                failure.error.clone(),
+            );
+            dead.status = failure.status;
+            dead.destination = Some(failure.destination.clone());
+            dead_letter(shared, item, &dead, window).await;
+        }
+        Next::Tier { index, retries } => {
+            let mut headers = history_free_headers(item.properties.headers().as_ref());
+            headers.insert(
+                "x-courier-retries".into(),
+                AMQPValue::LongLongInt(retries as i64),
+            );
+            headers.insert(
+                "x-courier-first-failure".into(),
+                long_string(&rfc3339(first_failure)),
+            );
+            headers.insert(
+                "x-courier-first-seen".into(),
+                long_string(&rfc3339(item.first_seen)),
+            );
+            headers.insert(
+                "x-courier-last-error".into(),
+                long_string(truncate(&failure.error, 1024)),
+            );
+            let queue = shared.broker.retry_queue(retry.schedule[index]);
+            if republish(shared, item, &queue, headers, window).await {
+                shared.metrics.events_retried(account, kind, "scheduled", 1);
+            }
+        }
+    }
 }
 
 fn long_string(s: &str) -> AMQPValue {
@@ -691,7 +870,7 @@ fn truncate(s: &str, max: usize) -> &str {
 
 /// Republishes one event to the dead-letter queue (confirmed, mandatory), then acks its
 /// original; if the publish fails, the original is returned to the queue instead.
-async fn dead_letter(shared: &Shared, item: Pending, dead: &DeadLetter<'_>, window: &Window) {
+async fn dead_letter(shared: &Shared, item: Pending, dead: &DeadLetter, window: &Window) {
     let now = SystemTime::now();
     let mut headers = history_free_headers(item.properties.headers().as_ref());
     let retries = header_int(&item.properties, "x-courier-retries").unwrap_or(0);
@@ -709,7 +888,7 @@ async fn dead_letter(shared: &Shared, item: Pending, dead: &DeadLetter<'_>, wind
     }
     headers.insert(
         "x-courier-last-error".into(),
-        long_string(truncate(dead.error, 1024)),
+        long_string(truncate(&dead.error, 1024)),
     );
     headers.insert(
         "x-courier-first-failure".into(),
@@ -723,6 +902,25 @@ async fn dead_letter(shared: &Shared, item: Pending, dead: &DeadLetter<'_>, wind
     if let Some(destination) = &dead.destination {
         headers.insert("x-courier-destination".into(), long_string(destination));
     }
+    let queue = shared.broker.dead_queue();
+    if republish(shared, item, &queue, headers, window).await {
+        shared
+            .metrics
+            .event_dead_lettered(&dead.account, &dead.kind, &dead.reason);
+    }
+}
+
+/// Publishes `item` to `queue` (confirmed, mandatory) with `headers`, then acks the
+/// original. If the publish fails the original goes back to the queue instead (nack with
+/// requeue), so nothing is lost. Returns whether it was published.
+async fn republish(
+    shared: &Shared,
+    item: Pending,
+    queue: &str,
+    headers: std::collections::BTreeMap<lapin::types::ShortString, AMQPValue>,
+    window: &Window,
+) -> bool {
+    // No `expiration`: a stale one could expire the copy.
     let mut properties = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type("application/json".into())
@@ -733,21 +931,19 @@ async fn dead_letter(shared: &Shared, item: Pending, dead: &DeadLetter<'_>, wind
     if let Some(ts) = item.properties.timestamp() {
         properties = properties.with_timestamp(*ts);
     }
-    let queue = shared.settings.broker.dead_queue();
     match shared
         .publisher
-        .publish("", &queue, &item.body, properties)
+        .publish("", queue, &item.body, properties)
         .await
     {
         Ok(()) => {
-            shared
-                .metrics
-                .event_dead_lettered(dead.account, dead.kind, &dead.reason);
             settle(item, true, window).await;
+            true
         }
         Err(e) => {
-            tracing::error!(error = %e, reason = %dead.reason, "dead-lettering failed; returning the message to the queue");
+            tracing::error!(error = %e, %queue, "republishing failed; returning the message to the queue");
             settle(item, false, window).await;
+            false
         }
     }
 }

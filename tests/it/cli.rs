@@ -2,58 +2,13 @@
 //! guard, `publish` and `receive`.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
 
 use crate::helpers::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_courier");
-
-fn temp_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("courier-it-{}", suffix()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn write_config(text: &str) -> PathBuf {
-    let path = temp_dir().join("courier.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-fn courier(args: &[&str]) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env_remove("COURIER_AMQP_URL")
-        .env_remove("COURIER_ADMIN_LISTEN")
-        .env_remove("RUST_LOG");
-    cmd
-}
-
-fn output(cmd: &mut Command) -> (i32, String, String) {
-    let Output {
-        status,
-        stdout,
-        stderr,
-    } = cmd.stdin(Stdio::null()).output().expect("courier runs");
-    (
-        status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&stdout).into_owned(),
-        String::from_utf8_lossy(&stderr).into_owned(),
-    )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 const GOOD: &str = r#"
 [broker]
@@ -229,46 +184,6 @@ async fn an_existing_queue_with_other_arguments_exits_1_naming_it() {
     assert!(stderr.contains("x-delivery-limit"), "{stderr}");
 }
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn sigterm(child: &Child) {
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-}
-
-async fn wait_exit(child: &mut Child, timeout: Duration) -> Option<i32> {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status.code();
-        }
-        if std::time::Instant::now() > deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn http_get(port: u16, path: &str) -> (u16, String) {
-    let response = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .get(format!("http://127.0.0.1:{port}{path}"))
-        .send()
-        .await;
-    match response {
-        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
-        Err(_) => (0, String::new()),
-    }
-}
-
 #[tokio::test]
 async fn sigterm_delivers_buffered_events_then_exits_0() {
     let receiver = Receiver::start().await;
@@ -338,23 +253,6 @@ async fn sigterm_delivers_buffered_events_then_exits_0() {
     }
 }
 
-async fn eventually_async<F, Fut>(timeout: Duration, mut f: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if f().await {
-            return true;
-        }
-        if std::time::Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// A TCP listener that counts connections: the proxy a misconfigured client would use.
 async fn proxy_trap() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -385,7 +283,7 @@ async fn the_private_network_guard_refuses_loopback_in_every_spelling() {
     ];
     for guard_on in [true, false] {
         let names = Names::new();
-        let broker = Broker::connect(&names, &["30s"]).await;
+        let broker = Broker::connect(&names, &["100ms"]).await;
         let mut accounts = String::new();
         for (id, url) in &urls {
             accounts.push_str(&format!(
@@ -393,7 +291,7 @@ async fn the_private_network_guard_refuses_loopback_in_every_spelling() {
             ));
         }
         let spec = ConfigSpec {
-            retry: "immediate_attempts = 1".into(),
+            retry: "immediate_attempts = 1\nschedule = [\"100ms\"]".into(),
             accounts,
             ..Default::default()
         };

@@ -59,8 +59,12 @@ async fn a_receiver_that_always_fails_leaves_everything_in_the_dead_letter_queue
     let receiver = Receiver::start().await;
     receiver.set_status(500);
     let names = Names::new();
-    let broker = Broker::connect(&names, &["30s"]).await;
-    let worker = TestWorker::spawn(settings(&names, &one_account(&receiver, 3))).await;
+    let broker = Broker::connect(&names, &["200ms"]).await;
+    let spec = ConfigSpec {
+        retry: "schedule = [\"200ms\"]".into(),
+        ..one_account(&receiver, 3)
+    };
+    let worker = TestWorker::spawn(settings(&names, &spec)).await;
     let bodies: Vec<Vec<u8>> = (0..7)
         .map(|i| event(&format!("d{i}"), "acme", "company"))
         .collect();
@@ -78,11 +82,12 @@ async fn a_receiver_that_always_fails_leaves_everything_in_the_dead_letter_queue
         ) == 7.0)
         .await
     );
+    let retried = worker.metric("courier_events_retried_total", &[("stage", "scheduled")]);
+    assert_eq!(retried, 7.0, "each event went through the one tier");
     worker.shutdown().await;
-    assert_eq!(
-        receiver.requests().len(),
-        9,
-        "3 batches × 3 immediate attempts"
+    assert!(
+        receiver.requests().len() >= 6,
+        "immediate attempts, then again after the tier"
     );
     let dead = broker.drain(&names.dead()).await;
     let mut seen = HashSet::new();
@@ -99,7 +104,12 @@ async fn a_receiver_that_always_fails_leaves_everything_in_the_dead_letter_queue
         );
         assert_eq!(
             header_str(headers, "x-courier-retries").as_deref(),
-            Some("0")
+            Some("1"),
+            "the one tier used"
+        );
+        assert!(
+            !headers.inner().contains_key("x-death"),
+            "broker history dropped"
         );
         assert!(
             header_str(headers, "x-courier-last-error")

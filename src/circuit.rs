@@ -1,0 +1,167 @@
+//! The circuit breaker (CONTRACT §3.4): per destination, per replica.
+//!
+//! After `failure_threshold` retryable outcomes in a row (rejections count as neither
+//! success nor failure) a destination opens for `cooldown`, doubling on every failed
+//! probe up to `max_cooldown`. While open, batches skip the HTTP attempt and go straight
+//! to scheduled retry; once the cooldown has passed, one probe batch is let through.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::CircuitSettings;
+
+/// May a batch be sent now?
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Closed: send.
+    Send,
+    /// Open but cooled down: send this batch as the single probe.
+    Probe,
+    /// Open: do not send.
+    Refuse,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    failures: u32,
+    open_until: Option<Instant>,
+    cooldown: Duration,
+    probing: bool,
+}
+
+/// What changed with an outcome: the gauge follows `open`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Change {
+    pub open: bool,
+}
+
+/// Circuit states by destination.
+#[derive(Debug)]
+pub struct Breakers<K> {
+    states: HashMap<K, State>,
+}
+
+impl<K> Default for Breakers<K> {
+    fn default() -> Self {
+        Self {
+            states: HashMap::new(),
+        }
+    }
+}
+
+impl<K: Eq + Hash + Clone> Breakers<K> {
+    /// Whether a batch for `key` may be sent at `now`.
+    pub fn admit(&mut self, key: &K, now: Instant) -> Admission {
+        let Some(state) = self.states.get_mut(key) else {
+            return Admission::Send;
+        };
+        match state.open_until {
+            None => Admission::Send,
+            Some(_) if state.probing => Admission::Refuse,
+            Some(until) if now < until => Admission::Refuse,
+            Some(_) => {
+                state.probing = true;
+                Admission::Probe
+            }
+        }
+    }
+
+    /// Records a 2xx: the circuit closes. Returns a change if it was open.
+    pub fn success(&mut self, key: &K) -> Option<Change> {
+        let state = self.states.remove(key)?;
+        state.open_until.map(|_| Change { open: false })
+    }
+
+    /// Records a retryable outcome. Returns a change when the circuit opens.
+    pub fn failure(&mut self, key: &K, now: Instant, settings: &CircuitSettings) -> Option<Change> {
+        let state = self.states.entry(key.clone()).or_default();
+        state.failures = state.failures.saturating_add(1);
+        if state.probing {
+            // The probe failed: open again, for twice as long.
+            state.probing = false;
+            state.cooldown = (state.cooldown * 2).min(settings.max_cooldown);
+            state.open_until = Some(now + state.cooldown);
+            return None;
+        }
+        if state.open_until.is_none() && state.failures >= settings.failure_threshold {
+            state.cooldown = settings.cooldown;
+            state.open_until = Some(now + state.cooldown);
+            return Some(Change { open: true });
+        }
+        None
+    }
+
+    /// A probe that ended without an outcome for the circuit (a rejection): let the next
+    /// batch probe again.
+    pub fn neutral(&mut self, key: &K) {
+        if let Some(state) = self.states.get_mut(key) {
+            state.probing = false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> CircuitSettings {
+        CircuitSettings {
+            failure_threshold: 3,
+            cooldown: Duration::from_secs(10),
+            max_cooldown: Duration::from_secs(25),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_after_the_threshold_and_probes_after_the_cooldown() {
+        let mut b = Breakers::default();
+        let s = settings();
+        let now = Instant::now();
+        assert_eq!(b.failure(&"d", now, &s), None);
+        assert_eq!(b.failure(&"d", now, &s), None);
+        assert_eq!(b.admit(&"d", now), Admission::Send);
+        assert_eq!(b.failure(&"d", now, &s), Some(Change { open: true }));
+        assert_eq!(b.admit(&"d", now), Admission::Refuse);
+        assert_eq!(b.admit(&"other", now), Admission::Send, "per destination");
+        let later = now + Duration::from_secs(10);
+        assert_eq!(b.admit(&"d", later), Admission::Probe);
+        assert_eq!(
+            b.admit(&"d", later),
+            Admission::Refuse,
+            "one probe at a time"
+        );
+        // The probe fails: cooldown doubles (20 s), then is capped (25 s).
+        assert_eq!(b.failure(&"d", later, &s), None);
+        assert_eq!(
+            b.admit(&"d", later + Duration::from_secs(19)),
+            Admission::Refuse
+        );
+        let t = later + Duration::from_secs(20);
+        assert_eq!(b.admit(&"d", t), Admission::Probe);
+        b.failure(&"d", t, &s);
+        assert_eq!(
+            b.admit(&"d", t + Duration::from_secs(24)),
+            Admission::Refuse
+        );
+        let t = t + Duration::from_secs(25);
+        assert_eq!(b.admit(&"d", t), Admission::Probe);
+        assert_eq!(b.success(&"d"), Some(Change { open: false }));
+        assert_eq!(b.admit(&"d", t), Admission::Send);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_success_resets_the_count() {
+        let mut b = Breakers::default();
+        let s = settings();
+        let now = Instant::now();
+        b.failure(&"d", now, &s);
+        b.failure(&"d", now, &s);
+        assert_eq!(b.success(&"d"), None, "was not open");
+        b.failure(&"d", now, &s);
+        b.failure(&"d", now, &s);
+        assert_eq!(b.admit(&"d", now), Admission::Send);
+    }
+}
