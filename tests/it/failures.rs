@@ -62,6 +62,8 @@ async fn a_receiver_that_always_fails_leaves_everything_in_the_dead_letter_queue
     let broker = Broker::connect(&names, &["200ms"]).await;
     let spec = ConfigSpec {
         retry: "schedule = [\"200ms\"]".into(),
+        // This test is about exhausting the schedule, not about the circuit.
+        top: "[circuit]\nfailure_threshold = 1000".into(),
         ..one_account(&receiver, 3)
     };
     let worker = TestWorker::spawn(settings(&names, &spec)).await;

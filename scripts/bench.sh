@@ -1,0 +1,391 @@
+#!/usr/bin/env bash
+# courier's benchmark (issue 4, docs/performance.md): how close courier gets to the
+# broker's and the HTTP stack's own limits, on this machine, in one run.
+#
+# Scenarios, each run BENCH_RUNS times, interleaved so that the ratios compare figures
+# taken minutes apart, not hours:
+#   drain        1.  broker limit: preload, then a bare lapin consumer that only acks
+#                    (one ack per message, in order, same prefetch as courier)
+#   drain_multi  1b. the same with one `multiple` ack every 100 messages
+#   batch200     2.  courier, batch 200, 20 accounts, HMAC on: events/s at the receiver;
+#                    also 6. CPU and peak RSS over the large backlog
+#   batch1       3.  courier, batch 1, max_concurrency = BENCH_CONCURRENCY: requests/s
+#   flood        3.  the bare reqwest loop at the same concurrency, same receiver
+#   many         4.  courier, batch 200, 2,000 accounts (sparse batches)
+#   latency      5.  2,000 events/s for 20 s, flush_interval 100ms: publish→receipt
+#   small        6.  courier, batch 200, 10k backlog: CPU and peak RSS
+# Every courier run gets its own queue prefix and exchange (deleted afterwards), its own
+# admin port and receiver port, and a generated config in target/bench/.
+#
+# Output: a table (median, min–max, spread, ratios per run) on stdout and in
+# target/bench/results.md; target/bench/results.json holds it with every raw run.
+#
+# Environment (defaults in brackets):
+#   BENCH_RUNS [3]              runs of each scenario
+#   BENCH_EVENTS [200000]       backlog of drain, batch200 and many
+#   BENCH_EVENTS_BATCH1 [BENCH_EVENTS/4]  events of batch1 and requests of flood
+#   BENCH_EVENTS_SMALL [10000]  backlog of the small-backlog resource run
+#   BENCH_ACCOUNTS [20]         accounts of batch200, batch1, latency, small
+#   BENCH_MANY_ACCOUNTS [2000]  accounts of many
+#   BENCH_CONCURRENCY [256]     courier's max_concurrency in batch1 = flood's concurrency
+#   BENCH_LATENCY_RATE [2000]   events/s of the latency run
+#   BENCH_LATENCY_SECONDS [20]  its duration
+#   BENCH_PREFETCH []           broker.prefetch for courier and the drain; empty: courier's default
+#   BENCH_SCENARIOS [all]       a subset, e.g. "drain batch200"
+#   BENCH_BUILD [1]             0: use the binaries already in target/release
+#   BENCH_PERF [0]              1: also record a perf profile of courier in one extra
+#                               batch200 run (not counted) to target/bench/perf.data
+#   BENCH_AMQP_URL              the broker [amqp://guest:guest@127.0.0.1:5672/%2f]
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+
+RUNS="${BENCH_RUNS:-3}"
+EVENTS="${BENCH_EVENTS:-200000}"
+EVENTS_BATCH1="${BENCH_EVENTS_BATCH1:-$((EVENTS / 4))}"
+EVENTS_SMALL="${BENCH_EVENTS_SMALL:-10000}"
+ACCOUNTS="${BENCH_ACCOUNTS:-20}"
+MANY_ACCOUNTS="${BENCH_MANY_ACCOUNTS:-2000}"
+CONCURRENCY="${BENCH_CONCURRENCY:-256}"
+LAT_RATE="${BENCH_LATENCY_RATE:-2000}"
+LAT_SECONDS="${BENCH_LATENCY_SECONDS:-20}"
+PREFETCH="${BENCH_PREFETCH:-}"
+SCENARIOS="${BENCH_SCENARIOS:-drain drain_multi batch200 batch1 flood many latency small}"
+BUILD="${BENCH_BUILD:-1}"
+PERF="${BENCH_PERF:-0}"
+AMQP_URL="${BENCH_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+export BENCH_AMQP_URL="$AMQP_URL"
+
+OUT=target/bench
+COURIER="$ROOT/target/release/courier"
+BENCH="$ROOT/target/release/courier-bench"
+RESULTS="$OUT/runs.jsonl"
+# The receiver verifies every signature with it; it is not a real secret.
+SECRET="bench-secret-$RANDOM$RANDOM"
+CLK_TCK=$(getconf CLK_TCK)
+# Per-scenario ceiling: a stalled courier fails the run instead of hanging the benchmark.
+RUN_TIMEOUT="${BENCH_RUN_TIMEOUT:-900}"
+
+# courier's own variables must not leak into the generated configs.
+unset COURIER_CONFIG COURIER_AMQP_URL COURIER_ADMIN_LISTEN
+
+say() { printf '==> %s\n' "$*" >&2; }
+note() { printf '    %s\n' "$*" >&2; }
+die() { printf 'bench: error: %s\n' "$*" >&2; exit 1; }
+
+alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+
+# SIGTERM, wait up to $2 seconds, then SIGKILL. Only for processes this script started.
+stop() {
+    local pid="$1" grace="${2:-10}" waited=0
+    alive "$pid" || { wait "$pid" 2>/dev/null || true; return 0; }
+    kill -TERM "$pid" 2>/dev/null || true
+    while alive "$pid" && [ "$waited" -lt $((grace * 10)) ]; do
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+    if alive "$pid"; then
+        note "pid $pid did not stop within ${grace}s; killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+
+port_answers() { timeout 2 bash -c "exec 3<>/dev/tcp/$1/$2" >/dev/null 2>&1; }
+
+# True when GET http://$1:$2$3 answers 200.
+http_ok() {
+    local status
+    status=$(timeout 3 bash -c "exec 3<>/dev/tcp/$1/$2 && printf 'GET $3 HTTP/1.0\r\nHost: $1\r\n\r\n' >&3 && head -n1 <&3" 2>/dev/null) || return 1
+    [[ "$status" == *" 200"* ]]
+}
+
+STARTED=()        # pids of the processes this script started
+CONFIGS=()        # configs whose topology still has to be deleted
+cleanup() {
+    local rc=$? pid cfg
+    trap - EXIT INT TERM
+    for pid in "${STARTED[@]}"; do
+        stop "$pid" 5
+    done
+    for cfg in "${CONFIGS[@]}"; do
+        [ -n "$cfg" ] && "$BENCH" cleanup --config "$cfg" >/dev/null 2>&1 || true
+    done
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+forget_pid() {
+    local pid="$1" i
+    for i in "${!STARTED[@]}"; do
+        [ "${STARTED[$i]}" = "$pid" ] && unset 'STARTED[i]'
+    done
+    return 0
+}
+
+forget_config() {
+    local cfg="$1" i
+    for i in "${!CONFIGS[@]}"; do
+        [ "${CONFIGS[$i]}" = "$cfg" ] && unset 'CONFIGS[i]'
+    done
+    return 0
+}
+
+# --- preflight -----------------------------------------------------------------
+bash scripts/ensure-rabbitmq.sh
+if [ "$BUILD" = 1 ]; then
+    say "cargo build --release"
+    cargo build --release --bins
+fi
+[ -x "$COURIER" ] || die "$COURIER not found (cargo build --release)"
+[ -x "$BENCH" ] || die "$BENCH not found (cargo build --release)"
+mkdir -p "$OUT"
+: >"$RESULTS"
+
+# --- pieces --------------------------------------------------------------------
+
+# write_config FILE PREFIX EXCHANGE ADMIN_PORT RECEIVER_PORT ACCOUNTS BATCH FLUSH [MAX_CONCURRENCY]
+write_config() {
+    local file="$1" prefix="$2" exchange="$3" admin="$4" rport="$5" accounts="$6" batch="$7"
+    local flush="$8" concurrency="${9:-}" i id
+    {
+        printf '# generated by scripts/bench.sh\n[broker]\nurl = "%s"\nexchange = "%s"\nqueue_prefix = "%s"\n' \
+            "$AMQP_URL" "$exchange" "$prefix"
+        if [ -n "$PREFETCH" ]; then printf 'prefetch = %s\n' "$PREFETCH"; fi
+        printf '\n[delivery]\n# the receiver is on loopback\nallow_private_networks = true\n'
+        if [ -n "$concurrency" ]; then printf 'max_concurrency = %s\n' "$concurrency"; fi
+        printf '\n[admin]\nlisten = "127.0.0.1:%s"\n\n[log]\nlevel = "info"\n' "$admin"
+        for ((i = 0; i < accounts; i++)); do
+            printf -v id 'acct-%04d' "$i"
+            printf '\n[[account]]\nid = "%s"\ncompanies_url = "http://127.0.0.1:%s/%s/companies"\ncontacts_url = "http://127.0.0.1:%s/%s/contacts"\nbatch_size = %s\nflush_interval = "%s"\nhmac_secret = "%s"\n' \
+                "$id" "$rport" "$id" "$rport" "$id" "$batch" "$flush" "$SECRET"
+        done
+    } >"$file"
+}
+
+# Sets DIR, CFG, PREFIX, EXCHANGE, ADMIN_PORT, RPORT for a scenario run.
+new_run() {
+    local scenario="$1" run="$2" tag
+    tag="$(date +%s)-$RANDOM$RANDOM"
+    DIR="$OUT/$scenario-$run"
+    rm -rf "$DIR"
+    mkdir -p "$DIR"
+    CFG="$DIR/courier.toml"
+    PREFIX="bench-$tag"
+    EXCHANGE="bench-$tag"
+    ADMIN_PORT=$("$BENCH" free-port)
+    RPORT=$("$BENCH" free-port)
+    while [ "$RPORT" = "$ADMIN_PORT" ]; do RPORT=$("$BENCH" free-port); done
+}
+
+# setup_and_preload EVENTS ACCOUNTS: declare courier's topology, publish the backlog.
+setup_and_preload() {
+    CONFIGS+=("$CFG")
+    "$COURIER" --config "$CFG" setup >"$DIR/setup.log" 2>&1 \
+        || { cat "$DIR/setup.log" >&2; die "courier setup failed"; }
+    "$BENCH" preload --config "$CFG" --events "$1" --accounts "$2" >"$DIR/preload.json" \
+        || die "preload failed"
+    note "preloaded $(cat "$DIR/preload.json")"
+}
+
+drop_topology() {
+    "$BENCH" cleanup --config "$CFG" >"$DIR/cleanup.json" 2>&1 || note "cleanup failed: $(cat "$DIR/cleanup.json")"
+    forget_config "$CFG"
+}
+
+# start_receiver EXPECT: sets RPID; the summary lands in $DIR/receive.json.
+start_receiver() {
+    "$BENCH" receive --listen "127.0.0.1:$RPORT" --expect "$1" --secret "$SECRET" \
+        --out "$DIR/receive.json" --timeout "$RUN_TIMEOUT" --idle-timeout 60 \
+        </dev/null >"$DIR/receive.out" 2>"$DIR/receive.log" &
+    RPID=$!
+    STARTED+=("$RPID")
+    local _
+    for _ in $(seq 1 100); do
+        port_answers 127.0.0.1 "$RPORT" && return 0
+        alive "$RPID" || break
+        sleep 0.1
+    done
+    cat "$DIR/receive.log" >&2
+    die "the receiver did not start"
+}
+
+# start_courier: sets CPID.
+start_courier() {
+    "$COURIER" --config "$CFG" run </dev/null >"$DIR/courier.log" 2>&1 &
+    CPID=$!
+    STARTED+=("$CPID")
+}
+
+wait_ready() {
+    local _
+    for _ in $(seq 1 300); do
+        http_ok 127.0.0.1 "$ADMIN_PORT" /readyz && return 0
+        alive "$CPID" || break
+        sleep 0.1
+    done
+    tail -n 20 "$DIR/courier.log" >&2
+    die "courier did not become ready"
+}
+
+# Waits for the receiver's summary while courier keeps running.
+wait_summary() {
+    while [ ! -s "$DIR/receive.json" ]; do
+        if ! alive "$RPID"; then
+            cat "$DIR/receive.log" >&2
+            die "the receiver stopped without a summary ($DIR)"
+        fi
+        if [ -n "${CPID:-}" ] && ! alive "$CPID"; then
+            tail -n 20 "$DIR/courier.log" >&2
+            die "courier stopped unexpectedly ($DIR/courier.log)"
+        fi
+        sleep 0.1
+    done
+}
+
+# Prints {"cpu_s":…,"hwm_kib":…} of a running process: utime+stime of all its threads
+# (/proc/PID/stat) and its peak resident set (VmHWM).
+proc_usage() {
+    local pid="$1" stat rest hwm
+    stat=$(cat "/proc/$pid/stat")
+    rest=${stat##*) }
+    read -ra f <<<"$rest"
+    hwm=$(awk '/^VmHWM:/ { print $2 }' "/proc/$pid/status")
+    awk -v u="${f[11]}" -v s="${f[12]}" -v t="$CLK_TCK" -v h="$hwm" \
+        'BEGIN { printf "{\"cpu_s\":%.3f,\"hwm_kib\":%d}", (u + s) / t, h }'
+}
+
+record() { # SCENARIO RUN DATA_JSON [PROC_JSON] [EXTRA_JSON]
+    printf '{"scenario":"%s","run":%s,"data":%s,"proc":%s,"extra":%s}\n' \
+        "$1" "$2" "$3" "${4:-null}" "${5:-null}" >>"$RESULTS"
+}
+
+summary_field() { # FILE KEY: a number from a one-line JSON summary
+    sed -nE "s/.*\"$2\":(-?[0-9.eE+]+).*/\1/p" "$1"
+}
+
+# --- scenarios -----------------------------------------------------------------
+
+scenario_drain() { # RUN [ACK_EVERY]
+    local run="$1" every="${2:-1}" name=drain
+    if [ "$every" != 1 ]; then name=drain_multi; fi
+    new_run "$name" "$run"
+    write_config "$CFG" "$PREFIX" "$EXCHANGE" "$ADMIN_PORT" "$RPORT" "$ACCOUNTS" 200 1s
+    setup_and_preload "$EVENTS" "$ACCOUNTS"
+    "$BENCH" drain --config "$CFG" --expect "$EVENTS" --ack-every "$every" >"$DIR/drain.json" \
+        || die "drain failed"
+    drop_topology
+    record "$name" "$run" "$(cat "$DIR/drain.json")" null "$(cat "$DIR/preload.json")"
+    note "$name: $(summary_field "$DIR/drain.json" events_per_s) events/s"
+}
+
+# courier_backlog SCENARIO RUN EVENTS ACCOUNTS BATCH FLUSH [MAX_CONCURRENCY]: courier drains
+# a preloaded backlog into the receiver; measured from the first to the last receipt.
+courier_backlog() {
+    local name="$1" run="$2" events="$3" accounts="$4" batch="$5" flush="$6" conc="${7:-}" usage perf_pid=""
+    new_run "$name" "$run"
+    write_config "$CFG" "$PREFIX" "$EXCHANGE" "$ADMIN_PORT" "$RPORT" "$accounts" "$batch" "$flush" "$conc"
+    setup_and_preload "$events" "$accounts"
+    start_receiver "$events"
+    start_courier
+    if [ "$name" = profile ]; then
+        perf record -F 499 --call-graph dwarf,16384 -p "$CPID" -o "$OUT/perf.data" \
+            >"$DIR/perf.log" 2>&1 &
+        perf_pid=$!
+        STARTED+=("$perf_pid")
+    fi
+    wait_summary
+    usage=$(proc_usage "$CPID")
+    if [ -n "$perf_pid" ]; then
+        kill -INT "$perf_pid" 2>/dev/null || true
+        wait "$perf_pid" 2>/dev/null || true
+        forget_pid "$perf_pid"
+    fi
+    stop "$CPID" 40
+    forget_pid "$CPID"
+    CPID=""
+    stop "$RPID" 10
+    forget_pid "$RPID"
+    drop_topology
+    record "$name" "$run" "$(cat "$DIR/receive.json")" "$usage" "$(cat "$DIR/preload.json")"
+    note "$name: $(summary_field "$DIR/receive.json" events_per_s) events/s," \
+        "$(summary_field "$DIR/receive.json" requests_per_s) requests/s," \
+        "mean batch $(summary_field "$DIR/receive.json" mean_batch), courier $usage"
+}
+
+scenario_flood() { # RUN
+    local run="$1"
+    new_run flood "$run"
+    CPID=""
+    start_receiver "$EVENTS_BATCH1"
+    "$BENCH" http-flood --url "http://127.0.0.1:$RPORT/flood" --concurrency "$CONCURRENCY" \
+        --requests "$EVENTS_BATCH1" --secret "$SECRET" >"$DIR/flood.json" || die "http-flood failed"
+    wait_summary
+    stop "$RPID" 10
+    forget_pid "$RPID"
+    record flood "$run" "$(cat "$DIR/receive.json")" null "$(cat "$DIR/flood.json")"
+    note "flood: $(summary_field "$DIR/receive.json" requests_per_s) requests/s at the receiver"
+}
+
+scenario_latency() { # RUN
+    local run="$1" expect=$((LAT_RATE * LAT_SECONDS)) usage
+    new_run latency "$run"
+    write_config "$CFG" "$PREFIX" "$EXCHANGE" "$ADMIN_PORT" "$RPORT" "$ACCOUNTS" 200 100ms
+    CONFIGS+=("$CFG")
+    "$COURIER" --config "$CFG" setup >"$DIR/setup.log" 2>&1 || die "courier setup failed"
+    start_receiver "$expect"
+    start_courier
+    wait_ready
+    "$BENCH" latency --config "$CFG" --rate "$LAT_RATE" --duration "$LAT_SECONDS" \
+        --accounts "$ACCOUNTS" >"$DIR/latency.json" || die "latency publisher failed"
+    wait_summary
+    usage=$(proc_usage "$CPID")
+    stop "$CPID" 40
+    forget_pid "$CPID"
+    CPID=""
+    stop "$RPID" 10
+    forget_pid "$RPID"
+    drop_topology
+    record latency "$run" "$(cat "$DIR/receive.json")" "$usage" "$(cat "$DIR/latency.json")"
+    note "latency: $(sed -nE 's/.*"latency":(\{[^}]*\}).*/\1/p' "$DIR/receive.json")"
+}
+
+# --- the runs ------------------------------------------------------------------
+started_at=$SECONDS
+say "courier benchmark: $RUNS run(s), backlog $EVENTS events; scenarios: $SCENARIOS"
+for ((run = 1; run <= RUNS; run++)); do
+    say "run $run of $RUNS"
+    for s in $SCENARIOS; do
+        case "$s" in
+            drain) scenario_drain "$run" 1 ;;
+            drain_multi) scenario_drain "$run" 100 ;;
+            batch200) courier_backlog batch200 "$run" "$EVENTS" "$ACCOUNTS" 200 1s ;;
+            batch1) courier_backlog batch1 "$run" "$EVENTS_BATCH1" "$ACCOUNTS" 1 1s "$CONCURRENCY" ;;
+            flood) scenario_flood "$run" ;;
+            many) courier_backlog many "$run" "$EVENTS" "$MANY_ACCOUNTS" 200 1s ;;
+            latency) scenario_latency "$run" ;;
+            small) courier_backlog small "$run" "$EVENTS_SMALL" "$ACCOUNTS" 200 1s ;;
+            *) die "unknown scenario $s" ;;
+        esac
+    done
+done
+if [ "$PERF" = 1 ]; then
+    command -v perf >/dev/null 2>&1 || die "BENCH_PERF=1 needs perf (apt-get install linux-perf)"
+    say "profile: one extra batch200 run under perf record (not counted)"
+    courier_backlog profile 1 "$EVENTS" "$ACCOUNTS" 200 1s
+    note "perf report -i $OUT/perf.data --no-children --percent-limit 1"
+fi
+
+cpu_model=$(sed -nE 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)
+rabbit=$(rabbitmqctl version 2>/dev/null || PATH="$PATH:/usr/sbin" rabbitmqctl version 2>/dev/null || echo unknown)
+say "results ($(( (SECONDS - started_at) / 60 )) min $(( (SECONDS - started_at) % 60 )) s)"
+"$BENCH" report --input "$RESULTS" --json "$OUT/results.json" --md "$OUT/results.md" \
+    --meta "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+    --meta "commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- src Cargo.toml 2>/dev/null || echo '+changes')" \
+    --meta "machine=$(nproc) cores, ${cpu_model:-unknown CPU}, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), RabbitMQ $rabbit on the same machine" \
+    --meta "command=BENCH_RUNS=$RUNS BENCH_EVENTS=$EVENTS BENCH_EVENTS_BATCH1=$EVENTS_BATCH1 BENCH_EVENTS_SMALL=$EVENTS_SMALL bash scripts/bench.sh" \
+    --meta "sizes=backlog $EVENTS events (~870 B each), batch1/flood $EVENTS_BATCH1, small $EVENTS_SMALL, accounts $ACCOUNTS / $MANY_ACCOUNTS, concurrency $CONCURRENCY, latency $LAT_RATE/s for ${LAT_SECONDS}s, prefetch ${PREFETCH:-courier default}"
+note "machine-readable: $OUT/results.json, table: $OUT/results.md"
