@@ -56,6 +56,8 @@ pub struct Recorded {
     pub status: u16,
     /// When the request arrived.
     pub at: std::time::Instant,
+    /// Whether the answer was sent (false while a delayed answer waits).
+    pub answered: bool,
 }
 
 impl Recorded {
@@ -99,6 +101,8 @@ struct ReceiverState {
     retry_after: Mutex<Option<String>>,
     /// Bodies containing this text get this status.
     reject: Mutex<Option<(String, u16)>>,
+    /// Bodies longer than this get this status.
+    too_large: Mutex<Option<(usize, u16)>>,
     delay: Mutex<Option<Duration>>,
 }
 
@@ -168,6 +172,11 @@ impl Receiver {
         *self.state.delay.lock().unwrap() = Some(delay);
     }
 
+    /// Answers `status` to any body longer than `max` bytes.
+    pub fn reject_bodies_larger_than(&self, max: usize, status: u16) {
+        *self.state.too_large.lock().unwrap() = Some((max, status));
+    }
+
     /// Answers `status` to any body that contains `needle`.
     pub fn reject_bodies_with(&self, needle: &str, status: u16) {
         *self.state.reject.lock().unwrap() = Some((needle.to_owned(), status));
@@ -182,7 +191,7 @@ impl Receiver {
     pub fn accepted(&self) -> Vec<Recorded> {
         self.requests()
             .into_iter()
-            .filter(|r| (200..300).contains(&r.status))
+            .filter(|r| r.answered && (200..300).contains(&r.status))
             .collect()
     }
 
@@ -211,10 +220,6 @@ async fn record(
     body: Bytes,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let delay = *state.delay.lock().unwrap();
-    if let Some(delay) = delay {
-        tokio::time::sleep(delay).await;
-    }
     let rejected = state
         .reject
         .lock()
@@ -224,7 +229,13 @@ async fn record(
             let body = String::from_utf8_lossy(&body);
             body.contains(needle.as_str()).then_some(*status)
         });
+    let too_large = state
+        .too_large
+        .lock()
+        .unwrap()
+        .and_then(|(max, status)| (body.len() > max).then_some(status));
     let status = rejected
+        .or(too_large)
         .or_else(|| state.script.lock().unwrap().pop_front())
         .unwrap_or_else(|| state.status.load(Ordering::SeqCst));
     state.requests.lock().unwrap().push(Recorded {
@@ -233,7 +244,15 @@ async fn record(
         body,
         status,
         at: std::time::Instant::now(),
+        answered: false,
     });
+    let index = state.requests.lock().unwrap().len() - 1;
+    // Recorded on arrival, answered after the delay.
+    let delay = *state.delay.lock().unwrap();
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
+    state.requests.lock().unwrap()[index].answered = true;
     let mut response = StatusCode::from_u16(status).unwrap().into_response();
     if let Some(retry_after) = state.retry_after.lock().unwrap().clone() {
         response
@@ -291,12 +310,10 @@ queue_prefix = "{prefix}"
 
 [delivery]
 allow_private_networks = true
-timeout = "2s"
 {delivery}
 
 [retry]
 initial_interval = "50ms"
-max_interval = "200ms"
 {schedule}
 {retry}
 
@@ -310,8 +327,8 @@ listen = "127.0.0.1:0"
         exchange = names.exchange,
         prefix = names.prefix,
         broker = spec.broker,
-        delivery = spec.delivery,
-        retry = spec.retry,
+        delivery = default_unless(&spec.delivery, "timeout", "timeout = \"2s\""),
+        retry = default_unless(&spec.retry, "max_interval", "max_interval = \"200ms\""),
         schedule = if spec.retry.contains("schedule") {
             ""
         } else {
@@ -319,6 +336,15 @@ listen = "127.0.0.1:0"
         },
         accounts = spec.accounts,
     )
+}
+
+/// `section` with `default` added unless it sets `key` itself.
+fn default_unless(section: &str, key: &str, default: &str) -> String {
+    if section.contains(key) {
+        section.to_owned()
+    } else {
+        format!("{default}\n{section}")
+    }
 }
 
 /// Parses a test configuration with the process environment.
@@ -406,6 +432,35 @@ impl Broker {
                     );
                 }
             }
+        }
+        for c in confirms {
+            assert_eq!(
+                c.await.unwrap(),
+                lapin::Confirmation::Ack(None),
+                "publish not confirmed"
+            );
+        }
+    }
+
+    /// Publishes bodies straight into `queue` through the default exchange, confirmed.
+    pub async fn publish_to_queue(&self, queue: &str, bodies: &[Vec<u8>]) {
+        let mut confirms = Vec::with_capacity(bodies.len());
+        for body in bodies {
+            let confirm = self
+                .channel
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    body,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .unwrap();
+            confirms.push(confirm);
         }
         for c in confirms {
             assert_eq!(
@@ -647,6 +702,10 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+pub fn sighup(child: &Child) {
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
 }
 
 pub fn sigterm(child: &Child) {

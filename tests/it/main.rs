@@ -4,3 +4,4 @@ mod cli;
 mod failures;
 mod helpers;
 mod pipeline;
+mod retries;
