@@ -14,11 +14,9 @@ use std::time::{Duration, SystemTime};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use futures_util::future::join_all;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Acker, BasicProperties, Connection, Consumer};
+use lapin::{BasicProperties, Connection, Consumer};
 use secrecy::ExposeSecret;
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
@@ -26,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::batch::{Accumulator, Flushed, Limits};
+use crate::broker::acks::Acks;
 use crate::broker::{self, BrokerError, Publisher, history_free_headers};
 use crate::circuit::{Admission, Breakers};
 use crate::config::{Account, Settings, redact_url};
@@ -61,7 +60,8 @@ struct Pending {
     lag_from: SystemTime,
     first_seen: SystemTime,
     properties: BasicProperties,
-    acker: Acker,
+    /// The delivery tag on its channel.
+    tag: u64,
 }
 
 /// Why an event goes to the dead-letter queue, with the headers that explain it.
@@ -119,7 +119,7 @@ struct Batch {
     kind: RecordType,
     limits: Limits,
     items: Vec<Pending>,
-    window: Window,
+    acks: Acks,
     destination: Arc<Semaphore>,
 }
 
@@ -285,11 +285,22 @@ impl Worker {
             self.ready.store(true, Ordering::SeqCst);
             tracing::info!(queue = %shared.broker.deliver_queue(), prefetch = shared.broker.prefetch, "consuming");
 
+            let Session {
+                connection,
+                channel,
+                consumer,
+                tag,
+                window,
+                acks,
+                ack_task,
+            } = session;
             let ended = consume(
                 &shared,
                 &mut live,
                 &mut reloads,
-                session.consumer,
+                consumer,
+                &window,
+                acks,
                 &mut destinations,
                 &shutdown,
             )
@@ -297,9 +308,8 @@ impl Worker {
             self.ready.store(false, Ordering::SeqCst);
             match ended {
                 Ended::Shutdown => {
-                    let _ = session
-                        .channel
-                        .basic_cancel(session.tag.as_str().into(), BasicCancelOptions::default())
+                    let _ = channel
+                        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
                         .await;
                     shared.tracker.close();
                     let grace = live.settings.shutdown_timeout;
@@ -312,7 +322,10 @@ impl Worker {
                             "shutdown timeout passed; unsettled messages return to the queue"
                         );
                     }
-                    let _ = session.connection.close(200, "shutting down".into()).await;
+                    // The delivery tasks are done and their ack handles gone: the ack task
+                    // sends what is left, then the channel may close.
+                    let _ = tokio::time::timeout(Duration::from_secs(5), ack_task).await;
+                    let _ = connection.close(200, "shutting down".into()).await;
                     metrics.set_broker_connected(false);
                     shared.publisher.close().await;
                     return Ok(());
@@ -320,7 +333,7 @@ impl Worker {
                 Ended::Lost(error) => {
                     metrics.set_broker_connected(false);
                     tracing::warn!(%error, "broker connection lost; reconnecting");
-                    let _ = session.connection.close(200, "reconnecting".into()).await;
+                    let _ = connection.close(200, "reconnecting".into()).await;
                 }
             }
         }
@@ -347,6 +360,10 @@ struct Session {
     channel: lapin::Channel,
     consumer: Consumer,
     tag: String,
+    /// Messages the broker holds unacknowledged for this channel.
+    window: Window,
+    acks: Acks,
+    ack_task: tokio::task::JoinHandle<()>,
 }
 
 async fn open_session(settings: &Settings) -> Result<Session, BrokerError> {
@@ -378,11 +395,16 @@ async fn open_session(settings: &Settings) -> Result<Session, BrokerError> {
             "consuming from {}",
             broker.deliver_queue()
         )))?;
+    let window: Window = Arc::new(AtomicUsize::new(0));
+    let (acks, ack_task) = Acks::spawn(channel.clone(), broker.prefetch, window.clone());
     Ok(Session {
         connection,
         channel,
         consumer,
         tag,
+        window,
+        acks,
+        ack_task,
     })
 }
 
@@ -398,11 +420,12 @@ async fn consume(
     live: &mut Arc<Live>,
     reloads: &mut watch::Receiver<Arc<Settings>>,
     mut consumer: Consumer,
+    window: &Window,
+    acks: Acks,
     destinations: &mut HashMap<Key, Arc<Semaphore>>,
     shutdown: &CancellationToken,
 ) -> Ended {
     let prefetch = shared.broker.prefetch as usize;
-    let window: Window = Arc::new(AtomicUsize::new(0));
     let mut acc: Accumulator<Key, (Arc<Live>, Arc<Account>), Pending> = Accumulator::default();
     let ended = loop {
         let deadline = acc.next_deadline();
@@ -431,7 +454,7 @@ async fn consume(
                 kind: flushed.key.1,
                 limits: flushed.limits,
                 items: flushed.items,
-                window: window.clone(),
+                acks: acks.clone(),
                 destination,
             };
             spawn_delivery(shared, batch);
@@ -464,7 +487,7 @@ async fn consume(
                     None => break Ended::Lost("the consumer was cancelled".into()),
                 };
                 window.fetch_add(1, Ordering::SeqCst);
-                if let Some((key, account, pending)) = route(shared, live, delivery, &window).await {
+                if let Some((key, account, pending)) = route(shared, live, delivery, &acks).await {
                     let limits = Limits {
                         batch_size: account.batch_size,
                         max_body_bytes: live.settings.delivery.max_body_bytes,
@@ -498,13 +521,13 @@ async fn route(
     shared: &Arc<Shared>,
     live: &Live,
     delivery: lapin::message::Delivery,
-    window: &Window,
+    acks: &Acks,
 ) -> Option<(Key, Arc<Account>, Pending)> {
     let settings = &live.settings;
     let lapin::message::Delivery {
+        delivery_tag: tag,
         data,
         properties,
-        acker,
         ..
     } = delivery;
     let first_seen =
@@ -523,13 +546,13 @@ async fn route(
         lag_from,
         first_seen,
         properties,
-        acker,
+        tag,
     };
     match parsed {
         Err(invalid) => {
             tracing::warn!(error = %invalid, "invalid event dead-lettered");
             let dead = DeadLetter::new("invalid_event", "", "", invalid.0);
-            spawn_dead_letter(shared, pending(String::new(), first_seen), dead, window);
+            spawn_dead_letter(shared, pending(String::new(), first_seen), dead, acks);
             None
         }
         Ok((id, account_id, kind, occurred_at)) => {
@@ -539,7 +562,7 @@ async fn route(
                 tracing::warn!(account = %account_id, "event of an unknown account dead-lettered");
                 let error = format!("account {account_id:?} is not configured");
                 let dead = DeadLetter::new("unknown_account", &account_id, kind.as_str(), error);
-                spawn_dead_letter(shared, item, dead, window);
+                spawn_dead_letter(shared, item, dead, acks);
                 return None;
             };
             shared.metrics.event_consumed(&account.id, kind);
@@ -547,7 +570,7 @@ async fn route(
                 shared
                     .metrics
                     .event_skipped(&account.id, kind, "contacts_disabled");
-                settle(item, true, window).await;
+                settle(item, true, acks);
                 return None;
             }
             Some(((account.id.clone(), kind), account.clone(), item))
@@ -555,31 +578,21 @@ async fn route(
     }
 }
 
-fn spawn_dead_letter(shared: &Arc<Shared>, item: Pending, dead: DeadLetter, window: &Window) {
+fn spawn_dead_letter(shared: &Arc<Shared>, item: Pending, dead: DeadLetter, acks: &Acks) {
     let shared2 = shared.clone();
-    let window = window.clone();
+    let acks = acks.clone();
     shared
         .tracker
-        .spawn(async move { dead_letter(&shared2, item, &dead, &window).await });
+        .spawn(async move { dead_letter(&shared2, item, &dead, &acks).await });
 }
 
-/// Acks (or nacks with requeue) one message and releases its window slot.
-async fn settle(item: Pending, ack: bool, window: &Window) {
-    let result = if ack {
-        item.acker.ack(BasicAckOptions::default()).await
+/// Acks one message, or returns it to the queue; the channel's ack task does the rest.
+fn settle(item: Pending, ack: bool, acks: &Acks) {
+    if ack {
+        acks.ack(vec![item.tag])
     } else {
-        item.acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..Default::default()
-            })
-            .await
-    };
-    if let Err(e) = result {
-        // The channel died: the broker redelivers the message.
-        tracing::debug!(error = %e, "settling failed; the message will be redelivered");
+        acks.nack(item.tag)
     }
-    window.fetch_sub(1, Ordering::SeqCst);
 }
 
 /// Starts a delivery task (a plain function, so `deliver` can start its own halves).
@@ -605,7 +618,7 @@ async fn deliver(shared: Arc<Shared>, batch: Batch) {
         kind,
         limits,
         items,
-        window,
+        acks,
         destination,
     } = batch;
     let key: Key = (account.id.clone(), kind);
@@ -683,11 +696,14 @@ async fn deliver(shared: Arc<Shared>, batch: Batch) {
                 shared
                     .metrics
                     .events_delivered(&account.id, kind, items.len());
-                join_all(items.into_iter().map(|item| settle(item, true, &window))).await;
+                acks.ack(items.iter().map(|item| item.tag).collect());
                 return;
             }
             Outcome::Rejected { status } => {
-                shared.circuits.lock().expect("circuit lock").neutral(&key);
+                if admission == Admission::Probe {
+                    // Neither success nor failure: the next batch probes again.
+                    shared.circuits.lock().expect("circuit lock").neutral(&key);
+                }
                 if items.len() > 1 {
                     // Isolate the rejected events: each half is a batch of its own.
                     let mut first = items;
@@ -701,7 +717,7 @@ async fn deliver(shared: Arc<Shared>, batch: Batch) {
                             kind,
                             limits,
                             items: half,
-                            window: window.clone(),
+                            acks: acks.clone(),
                             destination: destination.clone(),
                         };
                         spawn_delivery(&shared, batch);
@@ -716,7 +732,7 @@ async fn deliver(shared: Arc<Shared>, batch: Batch) {
                     dead.status = Some(status);
                     dead.destination = Some(redact_url(url));
                     for item in items {
-                        dead_letter(&shared, item, &dead, &window).await;
+                        dead_letter(&shared, item, &dead, &acks).await;
                     }
                 }
                 return;
@@ -759,7 +775,7 @@ async fn deliver(shared: Arc<Shared>, batch: Batch) {
     join_all(
         items
             .into_iter()
-            .map(|item| schedule_retry(&shared, &live, &account.id, kind, item, &failure, &window)),
+            .map(|item| schedule_retry(&shared, &live, &account.id, kind, item, &failure, &acks)),
     )
     .await;
 }
@@ -773,7 +789,7 @@ async fn schedule_retry(
     kind: RecordType,
     item: Pending,
     failure: &Failure,
-    window: &Window,
+    acks: &Acks,
 ) {
     let now = SystemTime::now();
     let retry = &live.settings.retry;
@@ -798,7 +814,7 @@ async fn schedule_retry(
             );
             dead.status = failure.status;
             dead.destination = Some(failure.destination.clone());
-            dead_letter(shared, item, &dead, window).await;
+            dead_letter(shared, item, &dead, acks).await;
         }
         Next::Tier { index, retries } => {
             let mut headers = history_free_headers(item.properties.headers().as_ref());
@@ -819,7 +835,7 @@ async fn schedule_retry(
                 long_string(truncate(&failure.error, 1024)),
             );
             let queue = shared.broker.retry_queue(retry.schedule[index]);
-            if republish(shared, item, &queue, headers, window).await {
+            if republish(shared, item, &queue, headers, acks).await {
                 shared.metrics.events_retried(account, kind, "scheduled", 1);
             }
         }
@@ -870,7 +886,7 @@ fn truncate(s: &str, max: usize) -> &str {
 
 /// Republishes one event to the dead-letter queue (confirmed, mandatory), then acks its
 /// original; if the publish fails, the original is returned to the queue instead.
-async fn dead_letter(shared: &Shared, item: Pending, dead: &DeadLetter, window: &Window) {
+async fn dead_letter(shared: &Shared, item: Pending, dead: &DeadLetter, acks: &Acks) {
     let now = SystemTime::now();
     let mut headers = history_free_headers(item.properties.headers().as_ref());
     let retries = header_int(&item.properties, "x-courier-retries").unwrap_or(0);
@@ -903,7 +919,7 @@ async fn dead_letter(shared: &Shared, item: Pending, dead: &DeadLetter, window: 
         headers.insert("x-courier-destination".into(), long_string(destination));
     }
     let queue = shared.broker.dead_queue();
-    if republish(shared, item, &queue, headers, window).await {
+    if republish(shared, item, &queue, headers, acks).await {
         shared
             .metrics
             .event_dead_lettered(&dead.account, &dead.kind, &dead.reason);
@@ -918,7 +934,7 @@ async fn republish(
     item: Pending,
     queue: &str,
     headers: std::collections::BTreeMap<lapin::types::ShortString, AMQPValue>,
-    window: &Window,
+    acks: &Acks,
 ) -> bool {
     // No `expiration`: a stale one could expire the copy.
     let mut properties = BasicProperties::default()
@@ -937,12 +953,12 @@ async fn republish(
         .await
     {
         Ok(()) => {
-            settle(item, true, window).await;
+            settle(item, true, acks);
             true
         }
         Err(e) => {
             tracing::error!(error = %e, %queue, "republishing failed; returning the message to the queue");
-            settle(item, false, window).await;
+            settle(item, false, acks);
             false
         }
     }

@@ -704,7 +704,7 @@ async fn drain(args: DrainArgs) -> Result<()> {
             while let Some(Some(done)) = acks.next().now_or_never() {
                 done?;
             }
-        } else if count % every == 0 || count == args.expect {
+        } else if count.is_multiple_of(every) || count == args.expect {
             channel
                 .basic_ack(delivery.delivery_tag, BasicAckOptions { multiple: true })
                 .await?;
@@ -893,13 +893,10 @@ fn mark(event: &[u8]) -> (Option<u64>, Option<u64>) {
         .and_then(|s| s.parse().ok());
     let ts = rest[end + 1..]
         .strip_prefix(b",\"bench_ts\":")
-        .map(|t| {
+        .and_then(|t| {
             let n = t.iter().take_while(|b| b.is_ascii_digit()).count();
-            std::str::from_utf8(&t[..n])
-                .ok()
-                .and_then(|s| s.parse().ok())
-        })
-        .flatten();
+            std::str::from_utf8(&t[..n]).ok()?.parse().ok()
+        });
     (seq, ts)
 }
 

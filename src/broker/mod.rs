@@ -1,6 +1,7 @@
 //! Everything that talks AMQP: connecting (with the server version check), the topology
 //! of CONTRACT §4, and confirmed publishing.
 
+pub mod acks;
 pub mod publish;
 pub mod topology;
 
