@@ -487,15 +487,15 @@ async fn consume(
                     None => break Ended::Lost("the consumer was cancelled".into()),
                 };
                 window.fetch_add(1, Ordering::SeqCst);
-                if let Some((key, account, pending)) = route(shared, live, delivery, &acks).await {
+                if let Some((key, account, pending)) = route(shared, live, delivery, &acks) {
                     let limits = Limits {
                         batch_size: account.batch_size,
                         max_body_bytes: live.settings.delivery.max_body_bytes,
                         flush_interval: account.flush_interval,
                     };
                     let len = pending.body.len();
-                    let ctx = (live.clone(), account);
-                    acc.push(&key, pending, len, Instant::now(), || (ctx, limits), &mut dispatch);
+                    let ctx = || ((live.clone(), account), limits);
+                    acc.push(&key, pending, len, Instant::now(), ctx, &mut dispatch);
                 }
                 // A full window means no new message can arrive: flush the fullest
                 // batches instead of waiting for their timers.
@@ -517,7 +517,7 @@ async fn consume(
 
 /// Parses and routes one delivery. Returns the event to batch, or settles it here
 /// (skip) or in a task of its own (dead letter).
-async fn route(
+fn route(
     shared: &Arc<Shared>,
     live: &Live,
     delivery: lapin::message::Delivery,
