@@ -161,6 +161,8 @@ impl Reloader {
                     "{section} changed: it needs a restart; the reload was refused"
                 ));
             }
+            // Build the new HTTP client now, so a reload that cannot take effect is refused.
+            Sender::new(&new.delivery).map_err(|e| format!("cannot build the HTTP client: {e}"))?;
             if new.retry.schedule != current.retry.schedule {
                 // New tiers need their queues before anything is published to them.
                 let conn = broker::connect(&new.broker.urls, "courier reload")
