@@ -781,37 +781,79 @@ async fn latency(args: LatencyArgs) -> Result<()> {
 
 async fn cleanup(args: CleanupArgs) -> Result<()> {
     let target = args.target.resolve()?;
-    let mut queues = target.topology.clone();
+    let mut left: Vec<String> = target.topology.clone();
     if let Some(q) = &target.queue
-        && !queues.contains(q)
+        && !left.contains(q)
     {
-        queues.push(q.clone());
+        left.push(q.clone());
     }
-    let conn = connect(&target.url, "courier-bench cleanup").await?;
+    let mut exchange = target.exchange.clone();
     let mut deleted = Vec::new();
-    for q in &queues {
-        // A failed delete closes the channel: one channel per queue.
-        let ch = conn.create_channel().await?;
-        if ch
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await
-            .is_ok()
+    // RabbitMQ 3.10 can restart its quorum log writer when a queue is deleted right after
+    // heavy traffic, closing the connection: reconnect and carry on with what is left.
+    let mut last_error = None;
+    for attempt in 0..5 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let conn = match connect(&target.url, "courier-bench cleanup").await {
+            Ok(conn) => conn,
+            Err(e) => {
+                last_error = Some(e.to_string());
+                continue;
+            }
+        };
+        while let Some(q) = left.first().cloned() {
+            // A failed delete closes the channel: one channel per queue.
+            let result = match conn.create_channel().await {
+                Ok(ch) => ch
+                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                    .await
+                    .map(|_| ()),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => {
+                    deleted.push(left.remove(0));
+                }
+                Err(e) => {
+                    last_error = Some(format!("deleting {q}: {e}"));
+                    break;
+                }
+            }
+        }
+        if left.is_empty()
+            && let Some(x) = exchange.clone()
         {
-            deleted.push(q.clone());
+            let result = match conn.create_channel().await {
+                Ok(ch) => {
+                    ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => {
+                    deleted.push(format!("exchange {x}"));
+                    exchange = None;
+                }
+                Err(e) => last_error = Some(format!("deleting exchange {x}: {e}")),
+            }
+        }
+        let _ = conn.close(200, "done".into()).await;
+        if left.is_empty() && exchange.is_none() {
+            break;
         }
     }
-    if let Some(x) = &target.exchange {
-        let ch = conn.create_channel().await?;
-        if ch
-            .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-            .await
-            .is_ok()
-        {
-            deleted.push(format!("exchange {x}"));
-        }
+    println!(
+        "{}",
+        json!({ "cmd": "cleanup", "deleted": deleted, "left": left })
+    );
+    if !left.is_empty() || exchange.is_some() {
+        return Err(last_error
+            .unwrap_or_else(|| "cleanup incomplete".into())
+            .into());
     }
-    let _ = conn.close(200, "done".into()).await;
-    println!("{}", json!({ "cmd": "cleanup", "deleted": deleted }));
     Ok(())
 }
 
@@ -940,6 +982,7 @@ struct Receiver {
     stats: Mutex<Stats>,
     done: Notify,
     touched: AtomicU64,
+    connections: AtomicU64,
 }
 
 async fn on_request(
@@ -1040,6 +1083,7 @@ fn summary(rx: &Receiver, complete: bool) -> Value {
         "duplicates": s.duplicates,
         "untracked": s.untracked,
         "requests": s.requests,
+        "connections": rx.connections.load(Ordering::Relaxed),
         "bytes": s.bytes,
         "mean_batch": if s.requests > 0 { s.events as f64 / s.requests as f64 } else { 0.0 },
         "sig_failures": s.sig_failures,
@@ -1059,6 +1103,7 @@ async fn receive(args: ReceiveArgs) -> Result<()> {
         stats: Mutex::new(Stats::default()),
         done: Notify::new(),
         touched: AtomicU64::new(0),
+        connections: AtomicU64::new(0),
     });
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     eprintln!(
@@ -1067,6 +1112,14 @@ async fn receive(args: ReceiveArgs) -> Result<()> {
         args.expect
     );
     let app = Router::new().fallback(on_request).with_state(rx.clone());
+    // Counts connections: a client that does not reuse them pays a handshake per request.
+    let listener = {
+        use axum::serve::ListenerExt;
+        let rx = rx.clone();
+        listener.tap_io(move |_| {
+            rx.connections.fetch_add(1, Ordering::Relaxed);
+        })
+    };
     let stop = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn({
         let stop = stop.clone();
@@ -1322,9 +1375,9 @@ fn report(args: ReportArgs) -> Result<()> {
     let many = get("many", &["data", "events_per_s"]);
 
     // The drain's own CPU: what the broker client costs with nothing else to do.
-    let drain_cpu = {
-        let events = get("drain", &["data", "events"]);
-        get("drain", &["data", "cpu_s"])
+    let drain_cpu = |scenario: &str| -> BTreeMap<u64, f64> {
+        let events = get(scenario, &["data", "events"]);
+        get(scenario, &["data", "cpu_s"])
             .into_iter()
             .filter_map(|(r, c)| events.get(&r).map(|e| (r, c / e * 1e5)))
             .collect()
@@ -1333,8 +1386,9 @@ fn report(args: ReportArgs) -> Result<()> {
     #[rustfmt::skip]
     let rows = vec![
         row("drain_events_per_s", "1. broker limit: bare drain, one ack per message, in order (same prefetch)", "events/s", fig(drain.clone()), None),
-        row("drain_cpu_s_per_100k", "   bare drain: the consumer's CPU per 100k events", "CPU s", fig(drain_cpu), None),
+        row("drain_cpu_s_per_100k", "   bare drain: the consumer's CPU per 100k events", "CPU s", fig(drain_cpu("drain")), None),
         row("drain_multi_events_per_s", "1b. bare drain, one `multiple` ack every 100", "events/s", fig(drain_multi.clone()), None),
+        row("drain_multi_cpu_s_per_100k", "   bare drain (1b): the consumer's CPU per 100k events", "CPU s", fig(drain_cpu("drain_multi")), None),
         row("batch200_events_per_s", "2. courier batch 200, 20 accounts", "events/s", fig(b200.clone()), None),
         row("batch200_ratio", "   ratio to (1), per run", "×", ratio(&b200, &drain), Some(("≥ 0.9", |x| x >= 0.9))),
         row("batch200_ratio_multi", "   ratio to (1b), per run", "×", ratio(&b200, &drain_multi), None),
@@ -1342,9 +1396,12 @@ fn report(args: ReportArgs) -> Result<()> {
         row("batch1_requests_per_s", "3. courier batch 1", "requests/s", fig(b1.clone()), None),
         row("flood_requests_per_s", "   bare reqwest loop, same receiver and concurrency", "requests/s", fig(flood.clone()), None),
         row("batch1_ratio", "   ratio courier / bare HTTP, per run", "×", ratio(&b1, &flood), Some(("≥ 0.8", |x| x >= 0.8))),
+        row("batch1_connections", "   TCP connections the receiver accepted: courier batch 1", "connections", fig(get("batch1", &["data", "connections"])), None),
+        row("flood_connections", "   TCP connections the receiver accepted: bare loop", "connections", fig(get("flood", &["data", "connections"])), None),
         row("many_events_per_s", "4. courier batch 200, 2,000 accounts", "events/s", fig(many.clone()), None),
         row("many_ratio", "   ratio to (1), per run", "×", ratio(&many, &drain), Some(("≥ 0.5", |x| x >= 0.5))),
         row("many_mean_batch", "   mean batch size", "events", fig(get("many", &["data", "mean_batch"])), None),
+        row("many_connections", "   TCP connections the receiver accepted", "connections", fig(get("many", &["data", "connections"])), None),
         row("latency_p50_ms", "5. latency publish→receipt, p50", "ms", fig(get("latency", &["data", "latency", "p50_ms"])), None),
         row("latency_p99_ms", "   p99", "ms", fig(get("latency", &["data", "latency", "p99_ms"])), Some(("≤ 120 (flush_interval + 20)", |x| x <= 120.0))),
         row("latency_max_ms", "   max", "ms", fig(get("latency", &["data", "latency", "max_ms"])), None),
@@ -1379,10 +1436,14 @@ fn report(args: ReportArgs) -> Result<()> {
                     d["distinct"], d["expect"]
                 ));
             }
-            for k in ["sig_failures", "duplicates", "retried_requests", "failures"] {
+            for k in ["sig_failures", "duplicates", "retried_requests"] {
                 if d[k].as_u64().unwrap_or(0) > 0 {
                     warnings.push(format!("{scenario} run {run}: {k} = {}", d[k]));
                 }
+            }
+            if v["extra"]["failures"].as_u64().unwrap_or(0) > 0 {
+                let n = &v["extra"]["failures"];
+                warnings.push(format!("{scenario} run {run}: {n} failed requests"));
             }
         }
     }
@@ -1444,6 +1505,68 @@ fn report(args: ReportArgs) -> Result<()> {
             "met": row.target.filter(|_| n > 0).map(|(_, ok)| ok(f.median())),
         }));
     }
+    // Where the two cores went: CPU seconds of each process over the measured phase's
+    // wall time, median over the runs.
+    let cores = |scenario: &str, cpu: &[&str]| -> BTreeMap<u64, f64> {
+        let wall = get(scenario, &["proc", "wall_s"]);
+        get(scenario, cpu)
+            .into_iter()
+            .filter_map(|(r, c)| wall.get(&r).filter(|w| **w > 0.0).map(|w| (r, c / w)))
+            .collect()
+    };
+    md.push_str(
+        "\nCPU over each measured phase, in cores (CPU s ÷ wall s, median of the runs):\n\n\
+         | scenario | courier (or the bare client) | broker | receiver | total |\n\
+         |---|---:|---:|---:|---:|\n",
+    );
+    let mut cores_json = BTreeMap::new();
+    for scenario in [
+        "drain",
+        "drain_multi",
+        "batch200",
+        "batch1",
+        "flood",
+        "many",
+        "latency",
+        "small",
+    ] {
+        if !by.contains_key(scenario) {
+            continue;
+        }
+        let client = match scenario {
+            "drain" | "drain_multi" => cores(scenario, &["data", "cpu_s"]),
+            "flood" => cores(scenario, &["extra", "cpu_s"]),
+            _ => cores(scenario, &["proc", "cpu_s"]),
+        };
+        let broker = cores(scenario, &["proc", "broker_cpu_s"]);
+        let receiver = cores(scenario, &["proc", "receiver_cpu_s"]);
+        let total: BTreeMap<u64, f64> = client
+            .iter()
+            .map(|(r, c)| {
+                (
+                    *r,
+                    c + broker.get(r).unwrap_or(&0.0) + receiver.get(r).unwrap_or(&0.0),
+                )
+            })
+            .collect();
+        let [c, b, rcv, t] = [&client, &broker, &receiver, &total]
+            .map(|m| median(&m.values().copied().collect::<Vec<_>>()));
+        md.push_str(&format!(
+            "| {scenario} | {} | {} | {} | {} |\n",
+            fmt(c),
+            fmt(b),
+            if scenario.starts_with("drain") {
+                "–".into()
+            } else {
+                fmt(rcv)
+            },
+            fmt(t)
+        ));
+        cores_json.insert(
+            scenario,
+            json!({ "client": c, "broker": b, "receiver": rcv, "total": t }),
+        );
+    }
     if !warnings.is_empty() {
         md.push_str("\nWarnings:\n");
         for w in &warnings {
@@ -1457,6 +1580,7 @@ fn report(args: ReportArgs) -> Result<()> {
     let out = json!({
         "meta": meta,
         "figures": rows_json,
+        "cores": cores_json,
         "warnings": warnings,
         "runs": raw,
     });

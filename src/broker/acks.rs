@@ -149,8 +149,10 @@ impl Acks {
         window: Arc<AtomicUsize>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        // Past this many deferred acks, stop waiting for the watermark.
-        let threshold = (prefetch as usize / 4).max(1);
+        // Past this many deferred acks, stop waiting for the watermark. Single acks cost
+        // the broker a scan of its unacked list each, so wait long (measured: at 1/4 of
+        // prefetch the broker spent twice the CPU of 3/4 and courier ran ~20% slower).
+        let threshold = (prefetch as usize * 3 / 4).max(1);
         let task = tokio::spawn(run(channel, rx, threshold, window));
         (Self { tx }, task)
     }
