@@ -54,7 +54,7 @@ type Key = (Arc<str>, RecordType);
 /// One consumed event on its way to a receiver. Settling consumes it, so a message can be
 /// acknowledged at most once.
 struct Pending {
-    body: Vec<u8>,
+    body: bytes::Bytes,
     id: String,
     /// `occurred_at`, else first seen: the start of the delivery lag.
     lag_from: SystemTime,
@@ -545,7 +545,7 @@ fn route(
         )
     });
     let pending = |id: String, lag_from| Pending {
-        body: data,
+        body: data.into(),
         id,
         lag_from,
         first_seen,
@@ -627,7 +627,10 @@ async fn deliver(shared: Arc<Shared>, batch: Batch) {
     } = batch;
     let key: Key = (account.id.clone(), kind);
     let url = account.url(kind).expect("only routable events are batched");
-    let body = encode_body(limits.batch_size, items.iter().map(|p| p.body.as_slice()));
+    let body = encode_body(
+        limits.batch_size,
+        &items.iter().map(|p| &p.body).collect::<Vec<_>>(),
+    );
     let signature = account
         .hmac_secret
         .as_ref()
