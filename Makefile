@@ -4,7 +4,7 @@
 #   make test             run the test suite (needs RabbitMQ on 127.0.0.1:5672)
 #   make check            rustfmt and clippy, warnings are errors (alias: lint)
 #   make ensure-rabbitmq  install/start RabbitMQ on 127.0.0.1:5672 if needed
-#   make bench            benchmarks (not yet)
+#   make bench            benchmarks: courier beside the broker and HTTP limits (docs/performance.md)
 #   make clean            remove build output
 
 SHELL := /bin/bash
@@ -36,8 +36,9 @@ test: ensure-rabbitmq
 		$(CARGO) test --no-fail-fast -- --test-threads $(TEST_THREADS); \
 	fi
 
-bench:
-	@echo "make bench arrives with the performance issue"
+bench: ensure-rabbitmq
+	@bash scripts/bench.sh
+	$(CARGO) bench --bench pipeline
 
 check lint: fmt clippy
 

@@ -33,8 +33,10 @@
 #   BENCH_PREFETCH []           broker.prefetch for courier and the drain; empty: courier's default
 #   BENCH_SCENARIOS [all]       a subset, e.g. "drain batch200"
 #   BENCH_BUILD [1]             0: use the binaries already in target/release
-#   BENCH_PERF [0]              1: also record a perf profile of courier in one extra
-#                               batch200 run (not counted) to target/bench/perf.data
+#   BENCH_PERF []               scenarios to profile once more under `perf record` (not
+#                               counted), e.g. "batch200 many batch1" (1 = batch200):
+#                               target/bench/perf-<scenario>.data, BENCH_PERF_EVENTS events
+#                               [50000], sampled at BENCH_PERF_FREQ Hz [999]
 #   BENCH_AMQP_URL              the broker [amqp://guest:guest@127.0.0.1:5672/%2f]
 set -euo pipefail
 
@@ -53,7 +55,10 @@ LAT_SECONDS="${BENCH_LATENCY_SECONDS:-20}"
 PREFETCH="${BENCH_PREFETCH:-}"
 SCENARIOS="${BENCH_SCENARIOS:-drain drain_multi batch200 batch1 flood many latency small}"
 BUILD="${BENCH_BUILD:-1}"
-PERF="${BENCH_PERF:-0}"
+PERF="${BENCH_PERF:-}"
+[ "$PERF" = 1 ] && PERF=batch200
+[ "$PERF" = 0 ] && PERF=""
+PERF_EVENTS="${BENCH_PERF_EVENTS:-50000}"
 AMQP_URL="${BENCH_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 export BENCH_AMQP_URL="$AMQP_URL"
 
@@ -106,8 +111,10 @@ CONFIGS=()        # configs whose topology still has to be deleted
 cleanup() {
     local rc=$? pid cfg
     trap - EXIT INT TERM
-    for pid in "${STARTED[@]}"; do
-        stop "$pid" 5
+    # Newest first: courier stops before the receiver it may still be sending to.
+    local pids=("${STARTED[@]}") i
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+        stop "${pids[$i]}" 5
     done
     for cfg in "${CONFIGS[@]}"; do
         [ -n "$cfg" ] && "$BENCH" cleanup --config "$cfg" >/dev/null 2>&1 || true
@@ -246,16 +253,38 @@ wait_summary() {
     done
 }
 
-# Prints {"cpu_s":…,"hwm_kib":…} of a running process: utime+stime of all its threads
-# (/proc/PID/stat) and its peak resident set (VmHWM).
-proc_usage() {
-    local pid="$1" stat rest hwm
-    stat=$(cat "/proc/$pid/stat")
+# CPU seconds (utime + stime of all threads, /proc/PID/stat) of a running process; 0 if gone.
+cpu_of() {
+    local stat rest
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
     rest=${stat##*) }
     read -ra f <<<"$rest"
-    hwm=$(awk '/^VmHWM:/ { print $2 }' "/proc/$pid/status")
-    awk -v u="${f[11]}" -v s="${f[12]}" -v t="$CLK_TCK" -v h="$hwm" \
-        'BEGIN { printf "{\"cpu_s\":%.3f,\"hwm_kib\":%d}", (u + s) / t, h }'
+    awk -v u="${f[11]}" -v s="${f[12]}" -v t="$CLK_TCK" 'BEGIN { printf "%.3f", (u + s) / t }'
+}
+
+now_s() { date +%s.%N; }
+
+# The broker's CPU: the Erlang VM of the local node, when we can see it.
+BROKER_PID=$(pidof beam.smp 2>/dev/null | awk '{ print $1 }' || true)
+broker_cpu() { if [ -n "$BROKER_PID" ]; then cpu_of "$BROKER_PID"; else echo 0; fi; }
+
+# mark_start: remembers the broker's CPU and the time when a measured phase starts.
+mark_start() { B0=$(broker_cpu); T0=$(now_s); }
+
+# Prints the resources of a measured phase as JSON: courier's CPU and peak RSS (VmHWM),
+# the broker's and the receiver's CPU over the phase, and its wall time.
+# usage COURIER_PID RECEIVER_PID
+usage() {
+    local cpu=0 hwm=0 rcpu=0 b1 t1
+    b1=$(broker_cpu)
+    t1=$(now_s)
+    if [ -n "$1" ]; then
+        cpu=$(cpu_of "$1")
+        hwm=$(awk '/^VmHWM:/ { print $2 }' "/proc/$1/status")
+    fi
+    [ -n "$2" ] && rcpu=$(cpu_of "$2")
+    awk -v c="$cpu" -v h="$hwm" -v r="$rcpu" -v b0="$B0" -v b1="$b1" -v t0="$T0" -v t1="$t1" \
+        'BEGIN { printf "{\"cpu_s\":%.3f,\"hwm_kib\":%d,\"broker_cpu_s\":%.3f,\"receiver_cpu_s\":%.3f,\"wall_s\":%.3f}", c, h, b1 - b0, r, t1 - t0 }'
 }
 
 record() { # SCENARIO RUN DATA_JSON [PROC_JSON] [EXTRA_JSON]
@@ -275,30 +304,37 @@ scenario_drain() { # RUN [ACK_EVERY]
     new_run "$name" "$run"
     write_config "$CFG" "$PREFIX" "$EXCHANGE" "$ADMIN_PORT" "$RPORT" "$ACCOUNTS" 200 1s
     setup_and_preload "$EVENTS" "$ACCOUNTS"
+    mark_start
     "$BENCH" drain --config "$CFG" --expect "$EVENTS" --ack-every "$every" >"$DIR/drain.json" \
         || die "drain failed"
+    local res
+    res=$(usage "" "")
     drop_topology
-    record "$name" "$run" "$(cat "$DIR/drain.json")" null "$(cat "$DIR/preload.json")"
+    record "$name" "$run" "$(cat "$DIR/drain.json")" "$res" "$(cat "$DIR/preload.json")"
     note "$name: $(summary_field "$DIR/drain.json" events_per_s) events/s"
 }
 
 # courier_backlog SCENARIO RUN EVENTS ACCOUNTS BATCH FLUSH [MAX_CONCURRENCY]: courier drains
 # a preloaded backlog into the receiver; measured from the first to the last receipt.
 courier_backlog() {
-    local name="$1" run="$2" events="$3" accounts="$4" batch="$5" flush="$6" conc="${7:-}" usage perf_pid=""
+    local name="$1" run="$2" events="$3" accounts="$4" batch="$5" flush="$6" conc="${7:-}" res perf_pid=""
     new_run "$name" "$run"
     write_config "$CFG" "$PREFIX" "$EXCHANGE" "$ADMIN_PORT" "$RPORT" "$accounts" "$batch" "$flush" "$conc"
     setup_and_preload "$events" "$accounts"
     start_receiver "$events"
+    mark_start
     start_courier
-    if [ "$name" = profile ]; then
-        perf record -F 499 --call-graph dwarf,16384 -p "$CPID" -o "$OUT/perf.data" \
+    if [[ "$name" == profile-* ]]; then
+        # Attach once courier is connected: `perf record -p` sees only the threads that
+        # exist then, and lapin starts an I/O thread per connection.
+        wait_ready
+        perf record -F "${BENCH_PERF_FREQ:-999}" --call-graph dwarf,16384 -p "$CPID" -o "$OUT/perf-${name#profile-}.data" \
             >"$DIR/perf.log" 2>&1 &
         perf_pid=$!
         STARTED+=("$perf_pid")
     fi
     wait_summary
-    usage=$(proc_usage "$CPID")
+    res=$(usage "$CPID" "$RPID")
     if [ -n "$perf_pid" ]; then
         kill -INT "$perf_pid" 2>/dev/null || true
         wait "$perf_pid" 2>/dev/null || true
@@ -310,28 +346,30 @@ courier_backlog() {
     stop "$RPID" 10
     forget_pid "$RPID"
     drop_topology
-    record "$name" "$run" "$(cat "$DIR/receive.json")" "$usage" "$(cat "$DIR/preload.json")"
+    record "$name" "$run" "$(cat "$DIR/receive.json")" "$res" "$(cat "$DIR/preload.json")"
     note "$name: $(summary_field "$DIR/receive.json" events_per_s) events/s," \
         "$(summary_field "$DIR/receive.json" requests_per_s) requests/s," \
-        "mean batch $(summary_field "$DIR/receive.json" mean_batch), courier $usage"
+        "mean batch $(summary_field "$DIR/receive.json" mean_batch), resources $res"
 }
 
 scenario_flood() { # RUN
-    local run="$1"
+    local run="$1" res
     new_run flood "$run"
     CPID=""
     start_receiver "$EVENTS_BATCH1"
+    mark_start
     "$BENCH" http-flood --url "http://127.0.0.1:$RPORT/flood" --concurrency "$CONCURRENCY" \
         --requests "$EVENTS_BATCH1" --secret "$SECRET" >"$DIR/flood.json" || die "http-flood failed"
     wait_summary
+    res=$(usage "" "$RPID")
     stop "$RPID" 10
     forget_pid "$RPID"
-    record flood "$run" "$(cat "$DIR/receive.json")" null "$(cat "$DIR/flood.json")"
+    record flood "$run" "$(cat "$DIR/receive.json")" "$res" "$(cat "$DIR/flood.json")"
     note "flood: $(summary_field "$DIR/receive.json" requests_per_s) requests/s at the receiver"
 }
 
 scenario_latency() { # RUN
-    local run="$1" expect=$((LAT_RATE * LAT_SECONDS)) usage
+    local run="$1" expect=$((LAT_RATE * LAT_SECONDS)) res
     new_run latency "$run"
     write_config "$CFG" "$PREFIX" "$EXCHANGE" "$ADMIN_PORT" "$RPORT" "$ACCOUNTS" 200 100ms
     CONFIGS+=("$CFG")
@@ -339,22 +377,24 @@ scenario_latency() { # RUN
     start_receiver "$expect"
     start_courier
     wait_ready
+    mark_start
     "$BENCH" latency --config "$CFG" --rate "$LAT_RATE" --duration "$LAT_SECONDS" \
         --accounts "$ACCOUNTS" >"$DIR/latency.json" || die "latency publisher failed"
     wait_summary
-    usage=$(proc_usage "$CPID")
+    res=$(usage "$CPID" "$RPID")
     stop "$CPID" 40
     forget_pid "$CPID"
     CPID=""
     stop "$RPID" 10
     forget_pid "$RPID"
     drop_topology
-    record latency "$run" "$(cat "$DIR/receive.json")" "$usage" "$(cat "$DIR/latency.json")"
+    record latency "$run" "$(cat "$DIR/receive.json")" "$res" "$(cat "$DIR/latency.json")"
     note "latency: $(sed -nE 's/.*"latency":(\{[^}]*\}).*/\1/p' "$DIR/receive.json")"
 }
 
 # --- the runs ------------------------------------------------------------------
 started_at=$SECONDS
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 say "courier benchmark: $RUNS run(s), backlog $EVENTS events; scenarios: $SCENARIOS"
 for ((run = 1; run <= RUNS; run++)); do
     say "run $run of $RUNS"
@@ -372,19 +412,28 @@ for ((run = 1; run <= RUNS; run++)); do
         esac
     done
 done
-if [ "$PERF" = 1 ]; then
-    command -v perf >/dev/null 2>&1 || die "BENCH_PERF=1 needs perf (apt-get install linux-perf)"
-    say "profile: one extra batch200 run under perf record (not counted)"
-    courier_backlog profile 1 "$EVENTS" "$ACCOUNTS" 200 1s
-    note "perf report -i $OUT/perf.data --no-children --percent-limit 1"
+if [ -n "$PERF" ]; then
+    command -v perf >/dev/null 2>&1 || die "BENCH_PERF needs perf (apt-get install linux-perf)"
+    for s in $PERF; do
+        say "profile: courier in one extra $s run under perf record (not counted)"
+        case "$s" in
+            batch200) courier_backlog profile-batch200 1 "$PERF_EVENTS" "$ACCOUNTS" 200 1s ;;
+            batch1) courier_backlog profile-batch1 1 "$PERF_EVENTS" "$ACCOUNTS" 1 1s "$CONCURRENCY" ;;
+            many) courier_backlog profile-many 1 "$PERF_EVENTS" "$MANY_ACCOUNTS" 200 1s ;;
+            *) die "BENCH_PERF: no profile for scenario $s (batch200, batch1, many)" ;;
+        esac
+        note "perf report -i $OUT/perf-$s.data --no-children --percent-limit 1"
+    done
 fi
 
 cpu_model=$(sed -nE 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)
 rabbit=$(rabbitmqctl version 2>/dev/null || PATH="$PATH:/usr/sbin" rabbitmqctl version 2>/dev/null || echo unknown)
-say "results ($(( (SECONDS - started_at) / 60 )) min $(( (SECONDS - started_at) % 60 )) s)"
+say "done in $(( (SECONDS - started_at) / 60 )) min $(( (SECONDS - started_at) % 60 )) s"
+[ "$RUNS" -gt 0 ] || exit 0
 "$BENCH" report --input "$RESULTS" --json "$OUT/results.json" --md "$OUT/results.md" \
     --meta "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
     --meta "commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- src Cargo.toml 2>/dev/null || echo '+changes')" \
+    --meta "load=1/5/15-min load average $load_start before, $(cut -d' ' -f1-3 /proc/loadavg) after (other work on the machine skews the figures)" \
     --meta "machine=$(nproc) cores, ${cpu_model:-unknown CPU}, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), RabbitMQ $rabbit on the same machine" \
     --meta "command=BENCH_RUNS=$RUNS BENCH_EVENTS=$EVENTS BENCH_EVENTS_BATCH1=$EVENTS_BATCH1 BENCH_EVENTS_SMALL=$EVENTS_SMALL bash scripts/bench.sh" \
     --meta "sizes=backlog $EVENTS events (~870 B each), batch1/flood $EVENTS_BATCH1, small $EVENTS_SMALL, accounts $ACCOUNTS / $MANY_ACCOUNTS, concurrency $CONCURRENCY, latency $LAT_RATE/s for ${LAT_SECONDS}s, prefetch ${PREFETCH:-courier default}"

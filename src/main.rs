@@ -20,7 +20,10 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let code = runtime.block_on(dispatch(cli));
+    // On a worker thread, not the main one: the consumer loop and lapin's I/O thread
+    // then wake each other without a third thread in between.
+    let code =
+        runtime.block_on(async { tokio::spawn(dispatch(cli)).await.unwrap_or(RUNTIME_FAILURE) });
     // Don't wait for stray blocking tasks (stdin readers) on the way out.
     runtime.shutdown_background();
     ExitCode::from(code)

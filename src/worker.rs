@@ -290,19 +290,15 @@ impl Worker {
             let Session {
                 connection,
                 channel,
-                consumer,
                 tag,
-                window,
-                acks,
+                stream,
                 ack_task,
             } = session;
             let ended = consume(
                 &shared,
                 &mut live,
                 &mut reloads,
-                consumer,
-                &window,
-                acks,
+                stream,
                 &mut destinations,
                 &shutdown,
             )
@@ -360,12 +356,17 @@ fn reconnect_backoff() -> impl Iterator<Item = Duration> {
 struct Session {
     connection: Connection,
     channel: lapin::Channel,
-    consumer: Consumer,
     tag: String,
+    stream: Stream,
+    ack_task: tokio::task::JoinHandle<()>,
+}
+
+/// What the consumer loop takes from a session.
+struct Stream {
+    consumer: Consumer,
     /// Messages the broker holds unacknowledged for this channel.
     window: Window,
     acks: Acks,
-    ack_task: tokio::task::JoinHandle<()>,
 }
 
 async fn open_session(settings: &Settings) -> Result<Session, BrokerError> {
@@ -402,10 +403,12 @@ async fn open_session(settings: &Settings) -> Result<Session, BrokerError> {
     Ok(Session {
         connection,
         channel,
-        consumer,
         tag,
-        window,
-        acks,
+        stream: Stream {
+            consumer,
+            window,
+            acks,
+        },
         ack_task,
     })
 }
@@ -421,12 +424,15 @@ async fn consume(
     shared: &Arc<Shared>,
     live: &mut Arc<Live>,
     reloads: &mut watch::Receiver<Arc<Settings>>,
-    mut consumer: Consumer,
-    window: &Window,
-    acks: Acks,
+    stream: Stream,
     destinations: &mut HashMap<Key, Arc<Semaphore>>,
     shutdown: &CancellationToken,
 ) -> Ended {
+    let Stream {
+        mut consumer,
+        window,
+        acks,
+    } = stream;
     let prefetch = shared.broker.prefetch as usize;
     let mut acc: Accumulator<Key, (Arc<Live>, Arc<Account>), Pending> = Accumulator::default();
     let ended = loop {
@@ -646,6 +652,9 @@ async fn deliver(shared: Arc<Shared>, batch: Batch) {
         destination: redact_url(url),
     };
     let failure = loop {
+        // The destination slot first: a batch that waited behind a dead endpoint learns
+        // here that the circuit opened meanwhile, and leaves without a request.
+        let slot = destination.acquire().await.expect("never closed");
         let admission = shared
             .circuits
             .lock()
@@ -655,7 +664,7 @@ async fn deliver(shared: Arc<Shared>, batch: Batch) {
             break failure(None, format!("circuit open for {}", redact_url(url)), None);
         }
         let outcome = {
-            let _slot = destination.acquire().await.expect("never closed");
+            let _slot = slot;
             let _permit = live.requests.acquire().await.expect("never closed");
             shared.metrics.inflight_add(1);
             let started = Instant::now();

@@ -461,7 +461,15 @@ fn now_ns() -> u64 {
 
 async fn connect(url: &str, name: &str) -> Result<Connection> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Ok(Connection::connect(url, props).await?)
+    Ok(within(Connection::connect(url, props)).await??)
+}
+
+/// Bounds one broker operation: a connection whose I/O loop died can leave a reply
+/// pending forever, and a benchmark must not hang on it.
+async fn within<T>(op: impl std::future::Future<Output = T>) -> Result<T> {
+    tokio::time::timeout(Duration::from_secs(15), op)
+        .await
+        .map_err(|_| "the broker did not answer within 15 s".into())
 }
 
 /// A confirmed publisher: publishes without waiting, while a task awaits the confirms in
@@ -486,7 +494,7 @@ impl ConfirmedPublisher {
         let done = tokio::spawn(async move {
             let mut confirmed = 0u64;
             while let Some(confirm) = rx.recv().await {
-                match confirm.await? {
+                match within(confirm).await?? {
                     Confirmation::Ack(None) => confirmed += 1,
                     Confirmation::Ack(Some(m)) | Confirmation::Nack(Some(m)) => {
                         return Err(format!(
@@ -514,19 +522,17 @@ impl ConfirmedPublisher {
     }
 
     async fn publish(&self, routing_key: &str, body: &[u8]) -> Result<()> {
-        let confirm = self
-            .channel
-            .basic_publish(
-                self.exchange.as_str().into(),
-                routing_key.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                body,
-                self.properties.clone(),
-            )
-            .await?;
+        let confirm = within(self.channel.basic_publish(
+            self.exchange.as_str().into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            body,
+            self.properties.clone(),
+        ))
+        .await??;
         self.confirms
             .send(confirm)
             .await
@@ -538,7 +544,7 @@ impl ConfirmedPublisher {
     async fn finish(self) -> Result<u64> {
         drop(self.confirms);
         let confirmed = self.done.await??;
-        let _ = self.conn.close(200, "done".into()).await;
+        let _ = within(self.conn.close(200, "done".into())).await;
         Ok(confirmed)
     }
 }
@@ -585,7 +591,7 @@ async fn preload(args: PreloadArgs) -> Result<()> {
             FieldTable::default(),
         )
         .await?;
-        let _ = conn.close(200, "done".into()).await;
+        let _ = within(conn.close(200, "done".into())).await;
     }
     let publishers = args.publishers.max(1) as u64;
     let bytes = Arc::new(AtomicU64::new(0));
@@ -716,7 +722,7 @@ async fn drain(args: DrainArgs) -> Result<()> {
     }
     let (cpu1, hwm) = own_resources();
     let elapsed = first.map(|f| (last - f).as_secs_f64()).unwrap_or(0.0);
-    let _ = conn.close(200, "done".into()).await;
+    let _ = within(conn.close(200, "done".into())).await;
     println!(
         "{}",
         json!({
@@ -805,13 +811,14 @@ async fn cleanup(args: CleanupArgs) -> Result<()> {
         };
         while let Some(q) = left.first().cloned() {
             // A failed delete closes the channel: one channel per queue.
-            let result = match conn.create_channel().await {
-                Ok(ch) => ch
-                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            let result = within(async {
+                let ch = conn.create_channel().await?;
+                ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                     .await
-                    .map(|_| ()),
-                Err(e) => Err(e),
-            };
+                    .map(|_| ())
+            })
+            .await
+            .and_then(|r| r.map_err(Into::into));
             match result {
                 Ok(()) => {
                     deleted.push(left.remove(0));
@@ -825,13 +832,13 @@ async fn cleanup(args: CleanupArgs) -> Result<()> {
         if left.is_empty()
             && let Some(x) = exchange.clone()
         {
-            let result = match conn.create_channel().await {
-                Ok(ch) => {
-                    ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-                        .await
-                }
-                Err(e) => Err(e),
-            };
+            let result = within(async {
+                let ch = conn.create_channel().await?;
+                ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                    .await
+            })
+            .await
+            .and_then(|r| r.map_err(Into::into));
             match result {
                 Ok(()) => {
                     deleted.push(format!("exchange {x}"));
@@ -840,7 +847,7 @@ async fn cleanup(args: CleanupArgs) -> Result<()> {
                 Err(e) => last_error = Some(format!("deleting exchange {x}: {e}")),
             }
         }
-        let _ = conn.close(200, "done".into()).await;
+        let _ = within(conn.close(200, "done".into())).await;
         if left.is_empty() && exchange.is_none() {
             break;
         }

@@ -183,7 +183,7 @@ impl Reader {
     }
 
     fn show_progress(&self, done: usize, verb: &str) {
-        if self.progress && (done % 100 == 0 || done == self.count) {
+        if self.progress && (done.is_multiple_of(100) || done == self.count) {
             eprint!("\r{verb} {done}/{}", self.count);
             let _ = std::io::stderr().flush();
         }
