@@ -144,7 +144,8 @@ impl<K: Clone + Eq + Hash, C, T> Accumulator<K, C, T> {
                 self.open.entry(key.clone()).or_insert(Open {
                     ctx,
                     limits,
-                    items: Vec::with_capacity(limits.batch_size.min(64)),
+                    // Small at first: with thousands of destinations most batches stay tiny.
+                    items: Vec::with_capacity(limits.batch_size.min(4)),
                     event_bytes: 0,
                     deadline,
                     seq,
