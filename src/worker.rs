@@ -833,22 +833,10 @@ async fn schedule_retry(
             dead_letter(shared, item, &dead, acks).await;
         }
         Next::Tier { index, retries } => {
-            let mut headers = history_free_headers(item.properties.headers().as_ref());
+            let mut headers = failure_headers(&item, first_failure, &failure.error);
             headers.insert(
                 "x-courier-retries".into(),
                 AMQPValue::LongLongInt(retries as i64),
-            );
-            headers.insert(
-                "x-courier-first-failure".into(),
-                long_string(&rfc3339(first_failure)),
-            );
-            headers.insert(
-                "x-courier-first-seen".into(),
-                long_string(&rfc3339(item.first_seen)),
-            );
-            headers.insert(
-                "x-courier-last-error".into(),
-                long_string(truncate(&failure.error, 1024)),
             );
             let queue = shared.broker.retry_queue(retry.schedule[index]);
             if republish(shared, item, &queue, headers, acks).await {
@@ -900,13 +888,36 @@ fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// Headers every republished copy carries: the original's without the broker's history,
+/// with when it first failed, when courier first saw it, and why it failed last.
+fn failure_headers(
+    item: &Pending,
+    first_failure: SystemTime,
+    error: &str,
+) -> std::collections::BTreeMap<lapin::types::ShortString, AMQPValue> {
+    let mut headers = history_free_headers(item.properties.headers().as_ref());
+    headers.insert(
+        "x-courier-first-failure".into(),
+        long_string(&rfc3339(first_failure)),
+    );
+    headers.insert(
+        "x-courier-first-seen".into(),
+        long_string(&rfc3339(item.first_seen)),
+    );
+    headers.insert(
+        "x-courier-last-error".into(),
+        long_string(truncate(error, 1024)),
+    );
+    headers
+}
+
 /// Republishes one event to the dead-letter queue (confirmed, mandatory), then acks its
 /// original; if the publish fails, the original is returned to the queue instead.
 async fn dead_letter(shared: &Shared, item: Pending, dead: &DeadLetter, acks: &Acks) {
     let now = SystemTime::now();
-    let mut headers = history_free_headers(item.properties.headers().as_ref());
     let retries = header_int(&item.properties, "x-courier-retries").unwrap_or(0);
     let first_failure = header_time(&item.properties, "x-courier-first-failure").unwrap_or(now);
+    let mut headers = failure_headers(&item, first_failure, &dead.error);
     for name in ["x-courier-last-status", "x-courier-destination"] {
         headers.remove(name);
     }
@@ -918,18 +929,6 @@ async fn dead_letter(shared: &Shared, item: Pending, dead: &DeadLetter, acks: &A
             AMQPValue::LongLongInt(status.into()),
         );
     }
-    headers.insert(
-        "x-courier-last-error".into(),
-        long_string(truncate(&dead.error, 1024)),
-    );
-    headers.insert(
-        "x-courier-first-failure".into(),
-        long_string(&rfc3339(first_failure)),
-    );
-    headers.insert(
-        "x-courier-first-seen".into(),
-        long_string(&rfc3339(item.first_seen)),
-    );
     headers.insert("x-courier-dead-at".into(), long_string(&rfc3339(now)));
     if let Some(destination) = &dead.destination {
         headers.insert("x-courier-destination".into(), long_string(destination));

@@ -179,17 +179,6 @@ async fn run(
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut moved = true;
-    let single = |tag: u64| {
-        let channel = channel.clone();
-        async move {
-            if let Err(e) = channel
-                .basic_ack(tag, BasicAckOptions { multiple: false })
-                .await
-            {
-                tracing::debug!(error = %e, tag, "ack failed; the message will be redelivered");
-            }
-        }
-    };
     loop {
         tokio::select! {
             msg = rx.recv() => {
@@ -212,19 +201,13 @@ async fn run(
                     }
                 }
                 if marks.deferred() >= threshold {
-                    for tag in marks.take_deferred() {
-                        window.fetch_sub(1, Ordering::SeqCst);
-                        single(tag).await;
-                    }
+                    ack_alone(&channel, &mut marks, &window).await;
                 }
             }
             _ = tick.tick() => {
                 // The watermark is stuck behind a slow batch: ack what waits, alone.
                 if !moved && marks.deferred() > 0 {
-                    for tag in marks.take_deferred() {
-                        window.fetch_sub(1, Ordering::SeqCst);
-                        single(tag).await;
-                    }
+                    ack_alone(&channel, &mut marks, &window).await;
                 }
                 moved = false;
             }
@@ -237,9 +220,19 @@ async fn run(
             .basic_ack(tag, BasicAckOptions { multiple: true })
             .await;
     }
+    ack_alone(&channel, &mut marks, &window).await;
+}
+
+/// Acknowledges every deferred tag on its own.
+async fn ack_alone(channel: &Channel, marks: &mut Watermark, window: &AtomicUsize) {
     for tag in marks.take_deferred() {
         window.fetch_sub(1, Ordering::SeqCst);
-        single(tag).await;
+        if let Err(e) = channel
+            .basic_ack(tag, BasicAckOptions { multiple: false })
+            .await
+        {
+            tracing::debug!(error = %e, tag, "ack failed; the message will be redelivered");
+        }
     }
 }
 
