@@ -19,6 +19,9 @@ use url::Url;
 
 use crate::event::RecordType;
 
+/// The longest `flush_interval`, `delivery.timeout` or `retry.max_interval` accepted.
+pub const HOLD_CAP: Duration = Duration::from_secs(300);
+
 /// The default signature header of the GoodFit connector.
 pub const DEFAULT_SIGNATURE_HEADER: &str = "x-goodfit-hmac-sha256";
 /// The largest batch the GoodFit connector allows.
@@ -123,6 +126,10 @@ impl BrokerUrl {
             ));
         }
         let host = url.host_str().ok_or("the URL has no host")?;
+        if matches!(url.host(), Some(url::Host::Ipv6(_))) {
+            // The AMQP client would silently connect to localhost instead.
+            return Err("IPv6 address literals are not supported here: use a host name".into());
+        }
         let port = url
             .port()
             .unwrap_or(if url.scheme() == "amqps" { 5671 } else { 5672 });
@@ -146,7 +153,7 @@ impl fmt::Debug for BrokerUrl {
 }
 
 /// `[delivery]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DeliverySettings {
     pub timeout: Duration,
     pub max_concurrency: usize,
@@ -596,6 +603,10 @@ pub fn parse(
         schedule,
         max_age: v.duration("retry.max_age", None, retry.max_age, "24h")?,
     };
+    // Each of these holds messages unacknowledged; the broker closes a channel that holds
+    // one for its consumer_timeout (30 min by default).
+    v.at_most("delivery.timeout", None, delivery.timeout, HOLD_CAP)?;
+    v.at_most("retry.max_interval", None, retry.max_interval, HOLD_CAP)?;
     if retry.max_interval < retry.initial_interval {
         return Err(v.err(
             "retry.max_interval",
@@ -851,6 +862,24 @@ impl Validator<'_> {
         Ok(value)
     }
 
+    fn at_most(
+        &self,
+        key: &str,
+        account: Option<&str>,
+        value: Duration,
+        max: Duration,
+    ) -> Result<(), ConfigError> {
+        if value > max {
+            let message = format!(
+                "{} is longer than {}: messages would sit unacknowledged near the broker's consumer_timeout",
+                humantime::format_duration(value),
+                humantime::format_duration(max)
+            );
+            return Err(self.err(key, account, message));
+        }
+        Ok(())
+    }
+
     fn url(&self, key: &str, account: &str, raw: &str) -> Result<Url, ConfigError> {
         let url = Url::parse(raw)
             .map_err(|e| self.err(key, Some(account), format!("not a valid URL: {e}")))?;
@@ -905,6 +934,7 @@ impl Validator<'_> {
         )? as usize;
         let flush_interval =
             self.duration("account.flush_interval", account, raw.flush_interval, "1s")?;
+        self.at_most("account.flush_interval", account, flush_interval, HOLD_CAP)?;
         let hmac_secret = match raw.hmac_secret {
             Some(s) if s.is_empty() => {
                 return Err(self.err(
@@ -926,8 +956,22 @@ impl Validator<'_> {
                 "is not a valid header name",
             )
         })?;
+        let ours = [
+            reqwest::header::CONTENT_TYPE,
+            reqwest::header::USER_AGENT,
+            reqwest::header::CONTENT_LENGTH,
+            reqwest::header::HOST,
+        ];
+        if ours.contains(&signature_header) || signature_header.as_str().starts_with("x-courier-") {
+            return Err(self.err(
+                "account.signature_header",
+                account,
+                "may not be a header courier sets",
+            ));
+        }
         let reserved: HashSet<HeaderName> = [
             reqwest::header::CONTENT_TYPE,
+            reqwest::header::USER_AGENT,
             reqwest::header::CONTENT_LENGTH,
             reqwest::header::HOST,
             reqwest::header::TRANSFER_ENCODING,
@@ -1075,6 +1119,21 @@ mod tests {
             (
                 "flush_interval = \"soon\"",
                 "account.flush_interval",
+                Some("acme"),
+            ),
+            (
+                "flush_interval = \"1h\"",
+                "account.flush_interval",
+                Some("acme"),
+            ),
+            (
+                "headers = { User-Agent = \"x\" }",
+                "account.headers.User-Agent",
+                Some("acme"),
+            ),
+            (
+                "signature_header = \"content-type\"",
+                "account.signature_header",
                 Some("acme"),
             ),
         ];

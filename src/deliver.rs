@@ -161,8 +161,19 @@ impl Sender {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| parse_retry_after(v, SystemTime::now()));
                 let status = response.status();
-                // Drain a small body so the connection returns to the pool.
-                let _ = tokio::time::timeout(Duration::from_secs(1), response.bytes()).await;
+                // Read a small body so the connection returns to the pool; past 64 KiB or
+                // 1 s, drop it (and the connection) rather than buffer a receiver's page.
+                let mut response = response;
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    let mut read = 0;
+                    while let Ok(Some(chunk)) = response.chunk().await {
+                        read += chunk.len();
+                        if read > 64 * 1024 {
+                            break;
+                        }
+                    }
+                })
+                .await;
                 classify(status, retry_after)
             }
             Err(error) => Outcome::Retryable {

@@ -59,6 +59,8 @@ struct Pending {
     /// `occurred_at`, else first seen: the start of the delivery lag.
     lag_from: SystemTime,
     first_seen: SystemTime,
+    /// When this delivery arrived: how long it has been held unacknowledged.
+    consumed_at: Instant,
     properties: BasicProperties,
     /// The delivery tag on its channel.
     tag: u64,
@@ -306,9 +308,10 @@ impl Worker {
             self.ready.store(false, Ordering::SeqCst);
             match ended {
                 Ended::Shutdown => {
-                    let _ = channel
-                        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                        .await;
+                    let brief = Duration::from_secs(5);
+                    let cancel =
+                        channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+                    let _ = tokio::time::timeout(brief, cancel).await;
                     shared.tracker.close();
                     let grace = live.settings.shutdown_timeout;
                     if tokio::time::timeout(grace, shared.tracker.wait())
@@ -323,7 +326,9 @@ impl Worker {
                     // The delivery tasks are done and their ack handles gone: the ack task
                     // sends what is left, then the channel may close.
                     let _ = tokio::time::timeout(Duration::from_secs(5), ack_task).await;
-                    let _ = connection.close(200, "shutting down".into()).await;
+                    let _ =
+                        tokio::time::timeout(brief, connection.close(200, "shutting down".into()))
+                            .await;
                     metrics.set_broker_connected(false);
                     shared.publisher.close().await;
                     return Ok(());
@@ -475,16 +480,22 @@ async fn consume(
             }
             Ok(()) = reloads.changed() => {
                 let settings = reloads.borrow_and_update().clone();
-                match Live::new(settings) {
-                    Ok(new) => {
-                        if new.settings.delivery.max_inflight_per_destination
-                            != live.settings.delivery.max_inflight_per_destination
-                        {
-                            destinations.clear();
+                if settings.delivery == live.settings.delivery {
+                    // Same [delivery]: keep the HTTP client, its pool and the request limit.
+                    let (sender, requests) = (live.sender.clone(), live.requests.clone());
+                    *live = Arc::new(Live { settings, sender, requests });
+                } else {
+                    match Live::new(settings) {
+                        Ok(new) => {
+                            if new.settings.delivery.max_inflight_per_destination
+                                != live.settings.delivery.max_inflight_per_destination
+                            {
+                                destinations.clear();
+                            }
+                            *live = Arc::new(new);
                         }
-                        *live = Arc::new(new);
+                        Err(e) => tracing::error!(error = %e, "cannot build the HTTP client of the new configuration"),
                     }
-                    Err(e) => tracing::error!(error = %e, "cannot build the HTTP client of the new configuration"),
                 }
             }
             _ = due => acc.expired(Instant::now(), &mut dispatch),
@@ -555,6 +566,7 @@ fn route(
         id,
         lag_from,
         first_seen,
+        consumed_at: Instant::now(),
         properties,
         tag,
     };
@@ -610,6 +622,11 @@ fn spawn_delivery(shared: &Arc<Shared>, batch: Batch) {
     shared.tracker.spawn(deliver(shared.clone(), batch));
 }
 
+/// The longest a message waits unacknowledged for its immediate attempts (request slots
+/// and backoff included) before it goes to a scheduled tier: well below the broker's
+/// `consumer_timeout` (30 min by default), which closes the channel.
+pub const MAX_HOLD: Duration = Duration::from_secs(600);
+
 /// Why a batch left the immediate stage.
 struct Failure {
     status: Option<u16>,
@@ -644,6 +661,12 @@ async fn deliver(shared: Arc<Shared>, batch: Batch) {
     let delivery_id = sign::delivery_id(items.iter().map(|p| p.id.as_str()));
     let retry = &live.settings.retry;
     let mut backoff = retry::immediate_backoff(retry);
+    let held_since = items
+        .iter()
+        .map(|p| p.consumed_at)
+        .min()
+        .unwrap_or_else(Instant::now);
+    let hold_deadline = held_since + MAX_HOLD;
     let mut attempt = 1;
     let failure = |status, error, retry_after| Failure {
         status,
@@ -652,9 +675,25 @@ async fn deliver(shared: Arc<Shared>, batch: Batch) {
         destination: redact_url(url),
     };
     let failure = loop {
-        // The destination slot first: a batch that waited behind a dead endpoint learns
-        // here that the circuit opened meanwhile, and leaves without a request.
-        let slot = destination.acquire().await.expect("never closed");
+        // The request slots first: a batch that waited behind a dead endpoint learns
+        // here that the circuit opened meanwhile, and leaves without a request. Waiting is
+        // bounded, so no message nears the broker's consumer_timeout.
+        let slots = tokio::time::timeout_at(hold_deadline, async {
+            let slot = destination.acquire().await.expect("never closed");
+            let permit = live.requests.acquire().await.expect("never closed");
+            (slot, permit)
+        })
+        .await;
+        let Ok((slot, permit)) = slots else {
+            break failure(
+                None,
+                format!(
+                    "no request slot for {} within {MAX_HOLD:?}",
+                    redact_url(url)
+                ),
+                None,
+            );
+        };
         let admission = shared
             .circuits
             .lock()
@@ -664,8 +703,7 @@ async fn deliver(shared: Arc<Shared>, batch: Batch) {
             break failure(None, format!("circuit open for {}", redact_url(url)), None);
         }
         let outcome = {
-            let _slot = slot;
-            let _permit = live.requests.acquire().await.expect("never closed");
+            let (_slot, _permit) = (slot, permit);
             shared.metrics.inflight_add(1);
             let started = Instant::now();
             let outcome = live
@@ -779,6 +817,9 @@ async fn deliver(shared: Arc<Shared>, batch: Batch) {
                 }
                 let delay =
                     retry_after.unwrap_or_else(|| backoff.next().unwrap_or(retry.max_interval));
+                if Instant::now() + delay > hold_deadline {
+                    break failure(status, error, None);
+                }
                 shared
                     .metrics
                     .events_retried(&account.id, kind, "immediate", items.len());

@@ -42,6 +42,9 @@ pub struct Watermark {
     /// `slots[i]` is tag `next + i`.
     slots: VecDeque<Slot>,
     deferred: usize,
+    /// Tags deferred since the last `take_deferred` (some may have passed the watermark
+    /// since): the fallback visits these, not every slot.
+    waiting: Vec<u64>,
 }
 
 impl Default for Watermark {
@@ -50,6 +53,7 @@ impl Default for Watermark {
             next: 1,
             slots: VecDeque::new(),
             deferred: 0,
+            waiting: Vec::new(),
         }
     }
 }
@@ -73,6 +77,15 @@ impl Watermark {
         {
             *slot = Slot::Deferred;
             self.deferred += 1;
+            self.waiting.push(tag);
+            if self.waiting.len() > 4 * self.deferred + 1024 {
+                // Most entries passed the watermark already: keep the list near the
+                // number of tags that really wait.
+                let (next, slots) = (self.next, &self.slots);
+                self.waiting.retain(|&t| {
+                    t >= next && slots.get((t - next) as usize) == Some(&Slot::Deferred)
+                });
+            }
         }
     }
 
@@ -106,6 +119,9 @@ impl Watermark {
             self.slots.pop_front();
             self.next += 1;
         }
+        if self.deferred == 0 {
+            self.waiting.clear();
+        }
         target.map(|tag| (tag, covered))
     }
 
@@ -116,13 +132,17 @@ impl Watermark {
 
     /// Marks every deferred tag done and returns them, to be acked one by one.
     pub fn take_deferred(&mut self) -> Vec<u64> {
-        let mut tags = Vec::with_capacity(self.deferred);
-        for (i, slot) in self.slots.iter_mut().enumerate() {
-            if *slot == Slot::Deferred {
-                *slot = Slot::Done;
-                tags.push(self.next + i as u64);
+        let mut tags = std::mem::take(&mut self.waiting);
+        tags.retain(|&tag| {
+            let index = tag.checked_sub(self.next).map(|i| i as usize);
+            match index.and_then(|i| self.slots.get_mut(i)) {
+                Some(slot) if *slot == Slot::Deferred => {
+                    *slot = Slot::Done;
+                    true
+                }
+                _ => false, // passed the watermark, or acked meanwhile
             }
-        }
+        });
         self.deferred = 0;
         tags
     }
@@ -275,6 +295,30 @@ mod tests {
         assert_eq!(w.advance(), None, "nothing outstanding to ack");
         w.defer(5);
         assert_eq!(w.advance(), Some((5, 1)));
+    }
+
+    #[test]
+    fn the_waiting_list_stays_small_when_the_watermark_moves() {
+        let mut w = Watermark::default();
+        w.defer(1);
+        for tag in 3..100_000 {
+            w.defer(tag);
+            w.done(tag - 1);
+            w.advance();
+        }
+        assert!(w.waiting.len() < 5_000, "{} stale entries", w.waiting.len());
+        assert_eq!(
+            w.take_deferred(),
+            Vec::<u64>::new(),
+            "everything passed the watermark"
+        );
+        // A stuck front: the deferred tags behind it are exactly what take_deferred returns.
+        let mut w = Watermark::default();
+        for tag in 2..50 {
+            w.defer(tag);
+        }
+        w.done(10);
+        assert_eq!(w.take_deferred().len(), 47);
     }
 
     #[test]

@@ -20,9 +20,14 @@ pub enum PublishError {
     Returned(String),
     #[error("the broker refused the message (nack)")]
     Nacked,
+    #[error("no publisher confirm within {0:?} (is the broker blocked by a resource alarm?)")]
+    TimedOut(Duration),
     #[error(transparent)]
     Broker(#[from] BrokerError),
 }
+
+/// How long a publish waits for its confirm before it counts as failed.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A publisher-confirmed channel that reconnects on demand.
 pub struct Publisher {
@@ -88,8 +93,11 @@ impl Publisher {
                 properties,
             )
             .await
-            .map_err(BrokerError::amqp("publishing"))?
+            .map_err(BrokerError::amqp("publishing"))?;
+        // Bounded: a blocked broker must not hold the originals unacknowledged for long.
+        let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
             .await
+            .map_err(|_| PublishError::TimedOut(CONFIRM_TIMEOUT))?
             .map_err(BrokerError::amqp("waiting for a publisher confirm"))?;
         match confirm {
             Confirmation::Ack(None) => Ok(()),
@@ -130,10 +138,14 @@ impl Publisher {
         }
     }
 
-    /// Closes the connection.
+    /// Closes the connection (waiting at most a few seconds for the broker).
     pub async fn close(&self) {
         if let Some((conn, _)) = self.state.lock().await.take() {
-            let _ = conn.close(200, "shutting down".into()).await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                conn.close(200, "shutting down".into()),
+            )
+            .await;
         }
     }
 }

@@ -192,7 +192,7 @@ async fn sigterm_delivers_buffered_events_then_exits_0() {
     let port = free_port();
     let spec = ConfigSpec {
         accounts: format!(
-            "[[account]]\nid = \"acme\"\ncompanies_url = \"{}\"\nbatch_size = 200\nflush_interval = \"10m\"\nhmac_secret = \"hush-hush\"\n",
+            "[[account]]\nid = \"acme\"\ncompanies_url = \"{}\"\nbatch_size = 200\nflush_interval = \"5m\"\nhmac_secret = \"hush-hush\"\n",
             receiver.url("/hook")
         ),
         ..Default::default()
@@ -234,7 +234,7 @@ async fn sigterm_delivers_buffered_events_then_exits_0() {
     );
     assert!(
         receiver.requests().is_empty(),
-        "nothing sent before the 10m interval"
+        "nothing sent before the 5m interval"
     );
     sigterm(&child.0);
     assert_eq!(
