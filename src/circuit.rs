@@ -75,10 +75,21 @@ impl<K: Eq + Hash + Clone> Breakers<K> {
         state.open_until.map(|_| Change { open: false })
     }
 
-    /// Records a retryable outcome. Returns a change when the circuit opens.
-    pub fn failure(&mut self, key: &K, now: Instant, settings: &CircuitSettings) -> Option<Change> {
+    /// Records a retryable outcome; `probe` says whether it came from the probe batch.
+    /// Returns a change when the circuit opens.
+    pub fn failure(
+        &mut self,
+        key: &K,
+        now: Instant,
+        settings: &CircuitSettings,
+        probe: bool,
+    ) -> Option<Change> {
         let state = self.states.entry(key.clone()).or_default();
         state.failures = state.failures.saturating_add(1);
+        if state.probing && !probe {
+            // A request sent before the circuit opened: the probe's answer decides.
+            return None;
+        }
         if state.probing {
             // The probe failed: open again, for twice as long.
             state.probing = false;
@@ -120,10 +131,10 @@ mod tests {
         let mut b = Breakers::default();
         let s = settings();
         let now = Instant::now();
-        assert_eq!(b.failure(&"d", now, &s), None);
-        assert_eq!(b.failure(&"d", now, &s), None);
+        assert_eq!(b.failure(&"d", now, &s, false), None);
+        assert_eq!(b.failure(&"d", now, &s, false), None);
         assert_eq!(b.admit(&"d", now), Admission::Send);
-        assert_eq!(b.failure(&"d", now, &s), Some(Change { open: true }));
+        assert_eq!(b.failure(&"d", now, &s, false), Some(Change { open: true }));
         assert_eq!(b.admit(&"d", now), Admission::Refuse);
         assert_eq!(b.admit(&"other", now), Admission::Send, "per destination");
         let later = now + Duration::from_secs(10);
@@ -134,14 +145,24 @@ mod tests {
             "one probe at a time"
         );
         // The probe fails: cooldown doubles (20 s), then is capped (25 s).
-        assert_eq!(b.failure(&"d", later, &s), None);
+        assert_eq!(
+            b.failure(&"d", later, &s, false),
+            None,
+            "not the probe: no effect"
+        );
+        assert_eq!(
+            b.admit(&"d", later),
+            Admission::Refuse,
+            "the probe is still out"
+        );
+        assert_eq!(b.failure(&"d", later, &s, true), None);
         assert_eq!(
             b.admit(&"d", later + Duration::from_secs(19)),
             Admission::Refuse
         );
         let t = later + Duration::from_secs(20);
         assert_eq!(b.admit(&"d", t), Admission::Probe);
-        b.failure(&"d", t, &s);
+        b.failure(&"d", t, &s, true);
         assert_eq!(
             b.admit(&"d", t + Duration::from_secs(24)),
             Admission::Refuse
@@ -157,11 +178,11 @@ mod tests {
         let mut b = Breakers::default();
         let s = settings();
         let now = Instant::now();
-        b.failure(&"d", now, &s);
-        b.failure(&"d", now, &s);
+        b.failure(&"d", now, &s, false);
+        b.failure(&"d", now, &s, false);
         assert_eq!(b.success(&"d"), None, "was not open");
-        b.failure(&"d", now, &s);
-        b.failure(&"d", now, &s);
+        b.failure(&"d", now, &s, false);
+        b.failure(&"d", now, &s, false);
         assert_eq!(b.admit(&"d", now), Admission::Send);
     }
 }

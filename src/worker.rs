@@ -819,7 +819,12 @@ async fn deliver(shared: Arc<Shared>, batch: Batch) {
                     .circuits
                     .lock()
                     .expect("circuit lock")
-                    .failure(&key, Instant::now(), settings)
+                    .failure(
+                        &key,
+                        Instant::now(),
+                        settings,
+                        admission == Admission::Probe,
+                    )
                     .is_some()
                 {
                     tracing::warn!(account = %account.id, %kind, cooldown = ?settings.cooldown, "circuit opened");
