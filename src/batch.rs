@@ -176,32 +176,12 @@ impl<K: Clone + Eq + Hash, C, T> Accumulator<K, C, T> {
         }
     }
 
-    /// Flushes the fullest batches until at least `events` events have left (or none
-    /// are left): used when the prefetch window is full and no new message can arrive.
-    pub fn flush_fullest(&mut self, events: usize, mut emit: impl FnMut(Flushed<K, C, T>)) {
-        let mut sizes: Vec<(usize, K)> = self
-            .open
-            .iter()
-            .map(|(key, open)| (open.items.len(), key.clone()))
-            .collect();
-        sizes.sort_unstable_by_key(|(len, _)| std::cmp::Reverse(*len));
-        let mut flushed_events = 0;
-        for (_, key) in sizes {
-            if flushed_events >= events {
-                break;
-            }
-            if let Some(flushed) = self.take(&key, FlushReason::Window) {
-                flushed_events += flushed.items.len();
-                emit(flushed);
-            }
-        }
-    }
-
-    /// Flushes everything (shutdown).
-    pub fn drain(&mut self, mut emit: impl FnMut(Flushed<K, C, T>)) {
+    /// Flushes every open batch: a full prefetch window (`Window`, no new message can
+    /// arrive) or shutdown.
+    pub fn drain(&mut self, reason: FlushReason, mut emit: impl FnMut(Flushed<K, C, T>)) {
         let keys: Vec<K> = self.open.keys().cloned().collect();
         for key in keys {
-            if let Some(flushed) = self.take(&key, FlushReason::Shutdown) {
+            if let Some(flushed) = self.take(&key, reason) {
                 emit(flushed);
             }
         }
@@ -344,29 +324,35 @@ mod tests {
     }
 
     #[test]
-    fn window_flush_takes_the_fullest_first() {
+    fn drain_flushes_every_open_batch_with_its_reason() {
         let mut acc = Acc::default();
         let l = limits(100, 10_000, 60_000);
-        for (key, n) in [("a", 1), ("b", 5), ("c", 3), ("d", 2)] {
+        for (key, n) in [("a", 1), ("b", 5), ("c", 3)] {
             for i in 0..n {
                 push(&mut acc, key, i, 10, l);
             }
         }
         let mut out = Vec::new();
-        acc.flush_fullest(6, |f| out.push((f.key, f.items.len(), f.reason)));
+        acc.drain(FlushReason::Window, |f| {
+            out.push((f.key, f.items.len(), f.reason))
+        });
+        out.sort_unstable_by_key(|o| o.0);
         assert_eq!(
             out,
-            vec![("b", 5, FlushReason::Window), ("c", 3, FlushReason::Window)]
+            vec![
+                ("a", 1, FlushReason::Window),
+                ("b", 5, FlushReason::Window),
+                ("c", 3, FlushReason::Window)
+            ]
         );
-        assert_eq!(acc.buffered(), 3);
-        let mut rest = Vec::new();
-        acc.drain(|f| rest.push((f.items.len(), f.reason)));
-        rest.sort_unstable_by_key(|r| r.0);
-        assert_eq!(
-            rest,
-            vec![(1, FlushReason::Shutdown), (2, FlushReason::Shutdown)]
-        );
+        assert_eq!(acc.buffered(), 0);
         assert_eq!(acc.next_deadline(), None);
+        push(&mut acc, "d", 0, 10, l);
+        let mut rest = Vec::new();
+        acc.drain(FlushReason::Shutdown, |f| {
+            rest.push((f.items.len(), f.reason))
+        });
+        assert_eq!(rest, vec![(1, FlushReason::Shutdown)]);
     }
 
     #[test]

@@ -189,7 +189,6 @@ async fn sigterm_delivers_buffered_events_then_exits_0() {
     let receiver = Receiver::start().await;
     let names = Names::new();
     let broker = Broker::connect(&names, &["30s"]).await;
-    let port = free_port();
     let spec = ConfigSpec {
         accounts: format!(
             "[[account]]\nid = \"acme\"\ncompanies_url = \"{}\"\nbatch_size = 200\nflush_interval = \"5m\"\nhmac_secret = \"hush-hush\"\n",
@@ -197,7 +196,7 @@ async fn sigterm_delivers_buffered_events_then_exits_0() {
         ),
         ..Default::default()
     };
-    let text = config_text(&names, &spec).replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let (text, port) = config_with_admin(&names, &spec);
     let path = write_config(
         &format!("{text}\n").replace("[admin]", "[log]\nlevel = \"trace\"\n\n[admin]"),
     );
@@ -209,13 +208,7 @@ async fn sigterm_delivers_buffered_events_then_exits_0() {
             .spawn()
             .unwrap(),
     );
-    assert!(
-        eventually_async(Duration::from_secs(20), || async {
-            http_get(port, "/readyz").await.0 == 200
-        })
-        .await,
-        "never ready"
-    );
+    assert!(wait_ready(port).await, "never ready");
     assert_eq!(http_get(port, "/healthz").await.0, 200);
     let bodies: Vec<Vec<u8>> = (0..25)
         .map(|i| event(&format!("t{i}"), "acme", "company"))
@@ -295,13 +288,11 @@ async fn the_private_network_guard_refuses_loopback_in_every_spelling() {
             accounts,
             ..Default::default()
         };
-        let admin = free_port();
-        let text = config_text(&names, &spec)
-            .replace(
-                "allow_private_networks = true",
-                &format!("allow_private_networks = {}", !guard_on),
-            )
-            .replace("127.0.0.1:0", &format!("127.0.0.1:{admin}"));
+        let (text, admin) = config_with_admin(&names, &spec);
+        let text = text.replace(
+            "allow_private_networks = true",
+            &format!("allow_private_networks = {}", !guard_on),
+        );
         let path = write_config(&text);
         let mut child = Proc(
             courier(&["run", "--config", path.to_str().unwrap()])
@@ -313,12 +304,7 @@ async fn the_private_network_guard_refuses_loopback_in_every_spelling() {
                 .spawn()
                 .unwrap(),
         );
-        assert!(
-            eventually_async(Duration::from_secs(20), || async {
-                http_get(admin, "/readyz").await.0 == 200
-            })
-            .await
-        );
+        assert!(wait_ready(admin).await);
         let bodies: Vec<Vec<u8>> = urls
             .iter()
             .map(|(id, _)| event(&format!("g-{id}"), id, "company"))
@@ -505,8 +491,7 @@ async fn kill_9_mid_delivery_loses_nothing() {
         delivery: "max_inflight_per_destination = 2".into(),
         ..Default::default()
     };
-    let admin = free_port();
-    let text = config_text(&names, &spec).replace("127.0.0.1:0", &format!("127.0.0.1:{admin}"));
+    let (text, admin) = config_with_admin(&names, &spec);
     let path = write_config(&text);
     let start = || {
         Proc(
@@ -518,12 +503,7 @@ async fn kill_9_mid_delivery_loses_nothing() {
         )
     };
     let mut first = start();
-    assert!(
-        eventually_async(Duration::from_secs(20), || async {
-            http_get(admin, "/readyz").await.0 == 200
-        })
-        .await
-    );
+    assert!(wait_ready(admin).await);
     let bodies: Vec<Vec<u8>> = (0..400)
         .map(|i| event(&format!("k{i}"), "acme", "company"))
         .collect();

@@ -347,6 +347,22 @@ fn default_unless(section: &str, key: &str, default: &str) -> String {
     }
 }
 
+/// A configuration text for a courier subprocess, with its admin endpoints on a free
+/// port of their own; returns the text and the port.
+pub fn config_with_admin(names: &Names, spec: &ConfigSpec) -> (String, u16) {
+    let admin = free_port();
+    let text = config_text(names, spec).replace("127.0.0.1:0", &format!("127.0.0.1:{admin}"));
+    (text, admin)
+}
+
+/// Waits (up to 20 s) until the courier subprocess with this admin port is ready.
+pub async fn wait_ready(admin: u16) -> bool {
+    eventually_async(Duration::from_secs(20), || async {
+        http_get(admin, "/readyz").await.0 == 200
+    })
+    .await
+}
+
 /// Parses a test configuration with the process environment.
 pub fn settings(names: &Names, spec: &ConfigSpec) -> Settings {
     let text = config_text(names, spec);

@@ -374,10 +374,7 @@ async fn the_broker_delivery_limit_dead_letters_and_replay_delivers() {
         accounts: account(&receiver, 1),
         ..Default::default()
     };
-    let admin = free_port();
-    let path = write_config(
-        &config_text(&names, &spec).replace("127.0.0.1:0", &format!("127.0.0.1:{admin}")),
-    );
+    let path = write_config(&config_text(&names, &spec));
     let config = path.to_str().unwrap();
     let (code, _, stderr) = output(&mut courier(&["setup", "--config", config]));
     assert_eq!(code, 0, "{stderr}");
@@ -401,11 +398,6 @@ async fn the_broker_delivery_limit_dead_letters_and_replay_delivers() {
         child.0.kill().unwrap(); // SIGKILL while the request is in flight
         let _ = child.0.wait();
         kills += 1;
-        eprintln!(
-            "kill {kills}: held={held} dead={} {}",
-            broker.depth(&names.dead()).await,
-            path.display()
-        );
         if !held {
             break;
         }
@@ -526,12 +518,11 @@ async fn sighup_applies_a_new_batch_size_and_keeps_the_old_config_on_errors() {
     let receiver = Receiver::start().await;
     let names = Names::new();
     let broker = Broker::connect(&names, &["30s"]).await;
-    let admin = free_port();
     let spec = ConfigSpec {
         accounts: account(&receiver, 1),
         ..Default::default()
     };
-    let text = config_text(&names, &spec).replace("127.0.0.1:0", &format!("127.0.0.1:{admin}"));
+    let (text, admin) = config_with_admin(&names, &spec);
     let path = write_config(&text);
     let mut child = Proc(
         courier(&["run", "--config", path.to_str().unwrap()])
@@ -540,12 +531,7 @@ async fn sighup_applies_a_new_batch_size_and_keeps_the_old_config_on_errors() {
             .spawn()
             .unwrap(),
     );
-    assert!(
-        eventually_async(Duration::from_secs(20), || async {
-            http_get(admin, "/readyz").await.0 == 200
-        })
-        .await
-    );
+    assert!(wait_ready(admin).await);
     broker
         .publish(&[
             event("h1", "acme", "company"),
