@@ -34,6 +34,14 @@ pub enum FlushReason {
 }
 
 impl FlushReason {
+    pub const ALL: [FlushReason; 5] = [
+        Self::Size,
+        Self::Bytes,
+        Self::Interval,
+        Self::Window,
+        Self::Shutdown,
+    ];
+
     /// The metric label.
     pub fn as_str(self) -> &'static str {
         match self {

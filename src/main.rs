@@ -11,6 +11,11 @@ use courier::cli::{Cli, Command, DlqCommand};
 use courier::config::{self, LogFormat, Settings};
 use courier::{commands, telemetry, worker};
 
+/// mimalloc instead of glibc's malloc: fewer CPU cycles per allocation and far less
+/// fragmentation across the runtime's threads (docs/performance.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const RUNTIME_FAILURE: u8 = 1;
 const CONFIG_ERROR: u8 = 2;
 

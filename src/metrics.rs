@@ -3,13 +3,18 @@
 
 use std::time::Duration;
 
+use std::sync::atomic::Ordering::Relaxed;
+
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::batch::FlushReason;
 use crate::event::RecordType;
+
+mod destinations;
+use destinations::Destinations;
 
 /// Outcome label of `courier_requests_total`.
 #[derive(Debug, Clone, Copy)]
@@ -19,31 +24,32 @@ pub enum RequestOutcome {
     Retryable,
 }
 
+impl RequestOutcome {
+    const ALL: [RequestOutcome; 3] = [Self::Success, Self::Rejected, Self::Retryable];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            RequestOutcome::Success => "success",
+            RequestOutcome::Rejected => "rejected",
+            RequestOutcome::Retryable => "retryable",
+        }
+    }
+}
+
 /// The metrics, registered in their own registry.
 pub struct Metrics {
     registry: Registry,
-    /// Valid events of configured accounts taken from the delivery queue (skipped ones included).
-    events_consumed: IntCounterVec,
-    /// Events acknowledged after a 2xx.
-    events_delivered: IntCounterVec,
+    /// The series kept per destination (consumed, delivered, requests, request duration,
+    /// batch size, flushes, splits), in plain atomics.
+    destinations: Destinations,
     /// Events acknowledged without delivery by configuration (e.g. contacts disabled).
     events_skipped: IntCounterVec,
     /// Events retried, one per event per retry, by stage.
     events_retried: IntCounterVec,
     /// Events confirmed into the dead-letter queue, by reason.
     events_dead_lettered: IntCounterVec,
-    /// HTTP requests by outcome.
-    requests: IntCounterVec,
-    /// HTTP request duration.
-    request_duration: HistogramVec,
-    /// Events per flushed batch.
-    batch_size: HistogramVec,
-    /// Batches flushed, by reason.
-    batches_flushed: IntCounterVec,
-    /// Extra requests spent isolating rejected events.
-    batch_splits: IntCounterVec,
-    /// From `occurred_at` (else first seen) to delivery.
-    delivery_lag: HistogramVec,
+    /// From `occurred_at` (else first seen) to delivery, by type (index: `RecordType`).
+    delivery_lag: [Histogram; 2],
     /// SIGHUP reloads by result.
     config_reloads: IntCounterVec,
     /// Events held in open batches.
@@ -122,18 +128,7 @@ impl Metrics {
         r.register(Box::new(broker_reconnects.clone()))
             .expect("unique metric");
         Self {
-            events_consumed: counter(
-                &r,
-                "courier_events_consumed_total",
-                "Valid events consumed",
-                at,
-            ),
-            events_delivered: counter(
-                &r,
-                "courier_events_delivered_total",
-                "Events delivered with a 2xx",
-                at,
-            ),
+            destinations: Destinations::default(),
             events_skipped: counter(
                 &r,
                 "courier_events_skipped_total",
@@ -152,45 +147,17 @@ impl Metrics {
                 "Events confirmed into the dead-letter queue",
                 &["account", "type", "reason"],
             ),
-            requests: counter(
-                &r,
-                "courier_requests_total",
-                "HTTP requests by outcome",
-                &["account", "type", "outcome"],
-            ),
-            request_duration: histogram(
-                &r,
-                "courier_request_duration_seconds",
-                "HTTP request duration",
-                at,
-                prometheus::exponential_buckets(0.005, 2.0, 13).expect("valid buckets"),
-            ),
-            batch_size: histogram(
-                &r,
-                "courier_batch_size",
-                "Events per flushed batch",
-                at,
-                vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 150.0, 200.0],
-            ),
-            batches_flushed: counter(
-                &r,
-                "courier_batches_flushed_total",
-                "Batches flushed, by reason",
-                &["account", "type", "reason"],
-            ),
-            batch_splits: counter(
-                &r,
-                "courier_batch_splits_total",
-                "Extra requests spent isolating rejections",
-                at,
-            ),
-            delivery_lag: histogram(
-                &r,
-                "courier_delivery_lag_seconds",
-                "From occurred_at (else first seen) to delivery",
-                &["type"],
-                lag_buckets,
-            ),
+            delivery_lag: {
+                let lag = histogram(
+                    &r,
+                    "courier_delivery_lag_seconds",
+                    "From occurred_at (else first seen) to delivery",
+                    &["type"],
+                    lag_buckets,
+                );
+                [RecordType::Company, RecordType::Contact]
+                    .map(|kind| lag.with_label_values(&[kind.as_str()]))
+            },
             config_reloads: counter(
                 &r,
                 "courier_config_reloads_total",
@@ -216,19 +183,19 @@ impl Metrics {
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)
             .expect("text encoding");
-        String::from_utf8(buf).expect("prometheus text is UTF-8")
+        let mut text = String::from_utf8(buf).expect("prometheus text is UTF-8");
+        self.destinations.render(&mut text);
+        text
     }
 
     pub fn event_consumed(&self, account: &str, kind: RecordType) {
-        self.events_consumed
-            .with_label_values(&[account, kind.as_str()])
-            .inc();
+        self.destinations
+            .with(account, kind, |d| d.consumed.fetch_add(1, Relaxed));
     }
 
     pub fn events_delivered(&self, account: &str, kind: RecordType, n: usize) {
-        self.events_delivered
-            .with_label_values(&[account, kind.as_str()])
-            .inc_by(n as u64);
+        self.destinations
+            .with(account, kind, |d| d.delivered.fetch_add(n as u64, Relaxed));
     }
 
     pub fn event_skipped(&self, account: &str, kind: RecordType, reason: &str) {
@@ -257,38 +224,26 @@ impl Metrics {
         outcome: RequestOutcome,
         elapsed: Duration,
     ) {
-        let label = match outcome {
-            RequestOutcome::Success => "success",
-            RequestOutcome::Rejected => "rejected",
-            RequestOutcome::Retryable => "retryable",
-        };
-        self.requests
-            .with_label_values(&[account, kind.as_str(), label])
-            .inc();
-        self.request_duration
-            .with_label_values(&[account, kind.as_str()])
-            .observe(elapsed.as_secs_f64());
+        self.destinations.with(account, kind, |d| {
+            d.requests[outcome as usize].fetch_add(1, Relaxed);
+            d.duration.observe(elapsed.as_secs_f64());
+        });
     }
 
     pub fn batch_flushed(&self, account: &str, kind: RecordType, size: usize, reason: FlushReason) {
-        self.batch_size
-            .with_label_values(&[account, kind.as_str()])
-            .observe(size as f64);
-        self.batches_flushed
-            .with_label_values(&[account, kind.as_str(), reason.as_str()])
-            .inc();
+        self.destinations.with(account, kind, |d| {
+            d.batch_size.observe(size as f64);
+            d.flushed[reason as usize].fetch_add(1, Relaxed);
+        });
     }
 
     pub fn batch_split(&self, account: &str, kind: RecordType) {
-        self.batch_splits
-            .with_label_values(&[account, kind.as_str()])
-            .inc();
+        self.destinations
+            .with(account, kind, |d| d.splits.fetch_add(1, Relaxed));
     }
 
     pub fn delivery_lag(&self, kind: RecordType, lag: Duration) {
-        self.delivery_lag
-            .with_label_values(&[kind.as_str()])
-            .observe(lag.as_secs_f64());
+        self.delivery_lag[kind as usize].observe(lag.as_secs_f64());
     }
 
     pub fn config_reload(&self, ok: bool) {

@@ -723,18 +723,18 @@ async fn deliver(shared: Arc<Shared>, batch: Batch) {
             let (_slot, _permit) = (slot, permit);
             shared.metrics.inflight_add(1);
             let started = Instant::now();
-            let outcome = live
-                .sender
-                .send(Request {
-                    account: &account,
-                    url,
-                    body: body.clone(),
-                    signature: signature.as_deref(),
-                    delivery_id: &delivery_id,
-                    attempt,
-                    event_count: items.len(),
-                })
-                .await;
+            // Boxed: a batch waiting for its slots (hundreds of them with many
+            // destinations) then holds a small task, not the whole request machinery.
+            let outcome = Box::pin(live.sender.send(Request {
+                account: &account,
+                url,
+                body: body.clone(),
+                signature: signature.as_deref(),
+                delivery_id: &delivery_id,
+                attempt,
+                event_count: items.len(),
+            }))
+            .await;
             shared.metrics.inflight_add(-1);
             let label = match outcome {
                 Outcome::Delivered { .. } => RequestOutcome::Success,
@@ -803,7 +803,7 @@ async fn deliver(shared: Arc<Shared>, batch: Batch) {
                     dead.status = Some(status);
                     dead.destination = Some(redact_url(url));
                     for item in items {
-                        dead_letter(&shared, item, &dead, &acks).await;
+                        Box::pin(dead_letter(&shared, item, &dead, &acks)).await;
                     }
                 }
                 return;

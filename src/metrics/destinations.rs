@@ -1,0 +1,303 @@
+//! The per-destination series, in plain atomics rendered by hand.
+//!
+//! The `prometheus` crate keeps a child per label set that carries its own copy of the
+//! metric's description and label pairs: about 3.6 KiB per destination for the seven
+//! families below, 14 MiB with 4,000 destinations (2,000 accounts × 2 types), and a label
+//! lookup per call. Here a destination costs one map entry of atomics (~350 bytes),
+//! found by one lookup per call, and the scrape writes text straight from them.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::RwLock;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::RequestOutcome;
+use crate::batch::FlushReason;
+use crate::event::RecordType;
+
+/// `courier_request_duration_seconds`: 5 ms doubling to ~20 s.
+const DURATION_BUCKETS: [f64; 13] = [
+    0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
+];
+/// `courier_batch_size`, as CONTRACT §7 lists them.
+const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 150.0, 200.0];
+
+/// A histogram's counts per bucket (not cumulative), its count and its sum (f64 bits).
+pub(super) struct Buckets<const N: usize> {
+    bounds: &'static [f64; N],
+    counts: [AtomicU64; N],
+    count: AtomicU64,
+    sum: AtomicU64,
+}
+
+impl<const N: usize> Buckets<N> {
+    fn new(bounds: &'static [f64; N]) -> Self {
+        Self {
+            bounds,
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            sum: AtomicU64::new(0f64.to_bits()),
+        }
+    }
+
+    pub(super) fn observe(&self, value: f64) {
+        if let Some(i) = self.bounds.iter().position(|&bound| value <= bound) {
+            self.counts[i].fetch_add(1, Relaxed);
+        }
+        let _ = self.sum.fetch_update(Relaxed, Relaxed, |bits| {
+            Some((f64::from_bits(bits) + value).to_bits())
+        });
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    fn write(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (bound, count) in self.bounds.iter().zip(&self.counts) {
+            cumulative += count.load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count.load(Relaxed);
+        let sum = f64::from_bits(self.sum.load(Relaxed));
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+    }
+}
+
+/// The series of one destination (account, type).
+pub(super) struct Series {
+    pub(super) consumed: AtomicU64,
+    pub(super) delivered: AtomicU64,
+    /// Indexed by `RequestOutcome`.
+    pub(super) requests: [AtomicU64; 3],
+    pub(super) duration: Buckets<13>,
+    pub(super) batch_size: Buckets<9>,
+    /// Indexed by `FlushReason`.
+    pub(super) flushed: [AtomicU64; 5],
+    pub(super) splits: AtomicU64,
+}
+
+impl Default for Series {
+    fn default() -> Self {
+        Self {
+            consumed: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            requests: Default::default(),
+            duration: Buckets::new(&DURATION_BUCKETS),
+            batch_size: Buckets::new(&BATCH_BUCKETS),
+            flushed: Default::default(),
+            splits: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Every destination seen so far, by account and type.
+#[derive(Default)]
+pub(super) struct Destinations {
+    by_account: RwLock<HashMap<Box<str>, [Option<Box<Series>>; 2]>>,
+}
+
+impl Destinations {
+    /// Runs `f` on the destination's series, creating them on first use.
+    pub(super) fn with<R>(
+        &self,
+        account: &str,
+        kind: RecordType,
+        f: impl FnOnce(&Series) -> R,
+    ) -> R {
+        {
+            let map = self.by_account.read().expect("metrics lock");
+            if let Some(series) = map.get(account).and_then(|s| s[kind as usize].as_deref()) {
+                return f(series);
+            }
+        }
+        let mut map = self.by_account.write().expect("metrics lock");
+        let slot = &mut map.entry(account.into()).or_default()[kind as usize];
+        f(slot.get_or_insert_with(Default::default))
+    }
+
+    /// Appends the families in Prometheus text format, destinations sorted.
+    pub(super) fn render(&self, out: &mut String) {
+        let map = self.by_account.read().expect("metrics lock");
+        let mut accounts: Vec<&str> = map.keys().map(|a| &**a).collect();
+        accounts.sort_unstable();
+        let family = |out: &mut String,
+                      name: &str,
+                      kind: &str,
+                      help: &str,
+                      f: &dyn Fn(&mut Sample, &Series)| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for account in &accounts {
+                for kind in [RecordType::Company, RecordType::Contact] {
+                    if let Some(series) = map[*account][kind as usize].as_deref() {
+                        f(
+                            &mut Sample {
+                                out,
+                                name,
+                                account,
+                                kind: kind.as_str(),
+                            },
+                            series,
+                        );
+                    }
+                }
+            }
+        };
+        family(
+            out,
+            "courier_events_consumed_total",
+            "counter",
+            "Valid events consumed",
+            &|w, s| w.counter(None, s.consumed.load(Relaxed)),
+        );
+        family(
+            out,
+            "courier_events_delivered_total",
+            "counter",
+            "Events delivered with a 2xx",
+            &|w, s| w.counter(None, s.delivered.load(Relaxed)),
+        );
+        family(
+            out,
+            "courier_requests_total",
+            "counter",
+            "HTTP requests by outcome",
+            &|w, s| {
+                for outcome in RequestOutcome::ALL {
+                    let v = s.requests[outcome as usize].load(Relaxed);
+                    if v > 0 {
+                        w.counter(Some(("outcome", outcome.as_str())), v);
+                    }
+                }
+            },
+        );
+        family(
+            out,
+            "courier_request_duration_seconds",
+            "histogram",
+            "HTTP request duration",
+            &|w, s| w.histogram(&s.duration),
+        );
+        family(
+            out,
+            "courier_batch_size",
+            "histogram",
+            "Events per flushed batch",
+            &|w, s| w.histogram(&s.batch_size),
+        );
+        family(
+            out,
+            "courier_batches_flushed_total",
+            "counter",
+            "Batches flushed, by reason",
+            &|w, s| {
+                for reason in FlushReason::ALL {
+                    let v = s.flushed[reason as usize].load(Relaxed);
+                    if v > 0 {
+                        w.counter(Some(("reason", reason.as_str())), v);
+                    }
+                }
+            },
+        );
+        family(
+            out,
+            "courier_batch_splits_total",
+            "counter",
+            "Extra requests spent isolating rejections",
+            &|w, s| {
+                let v = s.splits.load(Relaxed);
+                if v > 0 {
+                    w.counter(None, v);
+                }
+            },
+        );
+    }
+}
+
+/// Writes the samples of one family for one destination.
+struct Sample<'a> {
+    out: &'a mut String,
+    name: &'a str,
+    account: &'a str,
+    kind: &'a str,
+}
+
+impl Sample<'_> {
+    /// One counter sample; `extra` is a label that sorts between `account` and `type`.
+    fn counter(&mut self, extra: Option<(&str, &str)>, value: u64) {
+        let Self {
+            out,
+            name,
+            account,
+            kind,
+        } = self;
+        let extra = extra
+            .map(|(k, v)| format!(",{k}=\"{v}\""))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{name}{{account=\"{account}\"{extra},type=\"{kind}\"}} {value}"
+        );
+    }
+
+    /// A histogram's samples, once it has observed something.
+    fn histogram<const N: usize>(&mut self, h: &Buckets<N>) {
+        if h.count.load(Relaxed) > 0 {
+            let labels = format!("account=\"{}\",type=\"{}\"", self.account, self.kind);
+            h.write(self.out, self.name, &labels);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_render_cumulative_buckets_sum_and_count() {
+        let d = Destinations::default();
+        for size in [1.0, 3.0, 200.0, 250.0] {
+            d.with("a", RecordType::Company, |s| s.batch_size.observe(size));
+        }
+        let mut text = String::new();
+        d.render(&mut text);
+        for line in [
+            "courier_batch_size_bucket{account=\"a\",type=\"company\",le=\"1\"} 1",
+            "courier_batch_size_bucket{account=\"a\",type=\"company\",le=\"2\"} 1",
+            "courier_batch_size_bucket{account=\"a\",type=\"company\",le=\"5\"} 2",
+            "courier_batch_size_bucket{account=\"a\",type=\"company\",le=\"200\"} 3",
+            "courier_batch_size_bucket{account=\"a\",type=\"company\",le=\"+Inf\"} 4",
+            "courier_batch_size_sum{account=\"a\",type=\"company\"} 454",
+            "courier_batch_size_count{account=\"a\",type=\"company\"} 4",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+        // Only the destination that was used appears.
+        assert!(!text.contains("type=\"contact\""));
+    }
+
+    #[test]
+    fn destinations_are_sorted_and_counters_with_a_reason_appear_once_used() {
+        let d = Destinations::default();
+        d.with("b", RecordType::Contact, |s| {
+            s.consumed.fetch_add(2, Relaxed)
+        });
+        d.with("a", RecordType::Company, |s| {
+            s.flushed[FlushReason::Window as usize].fetch_add(1, Relaxed)
+        });
+        let mut text = String::new();
+        d.render(&mut text);
+        let a = text
+            .find("courier_events_consumed_total{account=\"a\"")
+            .unwrap();
+        let b = text
+            .find("courier_events_consumed_total{account=\"b\",type=\"contact\"} 2")
+            .unwrap();
+        assert!(a < b);
+        assert!(text.contains(
+            "courier_batches_flushed_total{account=\"a\",reason=\"window\",type=\"company\"} 1"
+        ));
+        assert!(!text.contains("reason=\"size\""));
+    }
+}
