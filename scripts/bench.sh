@@ -63,7 +63,7 @@ AMQP_URL="${BENCH_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 export BENCH_AMQP_URL="$AMQP_URL"
 
 OUT=target/bench
-COURIER="$ROOT/target/release/courier"
+COURIER="${BENCH_COURIER:-$ROOT/target/release/courier}"
 BENCH="$ROOT/target/release/courier-bench"
 RESULTS="$OUT/runs.jsonl"
 # The receiver verifies every signature with it; it is not a real secret.

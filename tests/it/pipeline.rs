@@ -322,3 +322,23 @@ headers = {{ Authorization = "Bearer tok-123", X-Tenant = "acme" }}
     );
     worker.shutdown().await;
 }
+
+#[tokio::test]
+async fn courier_asks_for_small_frames_unless_the_url_sets_them() {
+    // lapin's buffers are 32 frames per connection: the frame size is courier's memory.
+    let url = courier::config::BrokerUrl::parse(&amqp_url()).expect("test URL");
+    let conn = courier::broker::connect(&[url], "courier test frames")
+        .await
+        .expect("connect");
+    assert_eq!(conn.configuration().frame_max(), courier::broker::FRAME_MAX);
+    conn.close(200, "done".into()).await.expect("close");
+
+    let sep = if amqp_url().contains('?') { '&' } else { '?' };
+    let url = courier::config::BrokerUrl::parse(&format!("{}{sep}frame_max=65536", amqp_url()))
+        .expect("test URL");
+    let conn = courier::broker::connect(&[url], "courier test frames")
+        .await
+        .expect("connect");
+    assert_eq!(conn.configuration().frame_max(), 65536);
+    conn.close(200, "done".into()).await.expect("close");
+}
