@@ -33,6 +33,8 @@
 #   BENCH_PREFETCH []           broker.prefetch for courier and the drain; empty: courier's default
 #   BENCH_SCENARIOS [all]       a subset, e.g. "drain batch200"
 #   BENCH_BUILD [1]             0: use the binaries already in target/release
+#   BENCH_SCRAPE_INTERVAL [5]   seconds between scrapes of courier's /metrics (0: none)
+#   BENCH_COURIER               another courier binary (a before/after comparison)
 #   BENCH_PERF []               scenarios to profile once more under `perf record` (not
 #                               counted), e.g. "batch200 many batch1" (1 = batch200):
 #                               target/bench/perf-<scenario>.data, BENCH_PERF_EVENTS events
@@ -55,6 +57,7 @@ LAT_SECONDS="${BENCH_LATENCY_SECONDS:-20}"
 PREFETCH="${BENCH_PREFETCH:-}"
 SCENARIOS="${BENCH_SCENARIOS:-drain drain_multi batch200 batch1 flood many latency small}"
 BUILD="${BENCH_BUILD:-1}"
+SCRAPE="${BENCH_SCRAPE_INTERVAL:-5}"
 PERF="${BENCH_PERF:-}"
 [ "$PERF" = 1 ] && PERF=batch200
 [ "$PERF" = 0 ] && PERF=""
@@ -225,6 +228,19 @@ start_courier() {
     "$COURIER" --config "$CFG" run </dev/null >"$DIR/courier.log" 2>&1 &
     CPID=$!
     STARTED+=("$CPID")
+    # Scrape /metrics as Prometheus would, so peak RSS and CPU include the scrapes.
+    if [ "$SCRAPE" != 0 ]; then
+        scrape_loop "$CPID" "$ADMIN_PORT" >"$DIR/scrape.log" 2>&1 &
+        STARTED+=("$!")
+    fi
+}
+
+# scrape_loop PID PORT: GET /metrics every $SCRAPE seconds while PID lives; logs the sizes.
+scrape_loop() {
+    while alive "$1"; do
+        sleep "$SCRAPE"
+        timeout 10 bash -c "exec 3<>/dev/tcp/127.0.0.1/$2 && printf 'GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3 && cat <&3" 2>/dev/null | wc -c || true
+    done
 }
 
 wait_ready() {

@@ -122,6 +122,10 @@ impl Destinations {
         let map = self.by_account.read().expect("metrics lock");
         let mut accounts: Vec<&str> = map.keys().map(|a| &**a).collect();
         accounts.sort_unstable();
+        // ~2.8 KB of text per destination: reserved once rather than doubled as it grows
+        // (11 MB with 4,000 destinations).
+        let destinations: usize = map.values().map(|s| s.iter().flatten().count()).sum();
+        out.reserve(destinations * 3 * 1024);
         let family = |out: &mut String,
                       name: &str,
                       kind: &str,
