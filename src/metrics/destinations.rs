@@ -92,10 +92,13 @@ impl Default for Series {
     }
 }
 
+/// An account's two destinations, indexed by `RecordType`.
+type ByType = [Option<Box<Series>>; 2];
+
 /// Every destination seen so far, by account and type.
 #[derive(Default)]
 pub(super) struct Destinations {
-    by_account: RwLock<HashMap<Box<str>, [Option<Box<Series>>; 2]>>,
+    by_account: RwLock<HashMap<Box<str>, ByType>>,
 }
 
 impl Destinations {
