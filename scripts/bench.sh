@@ -42,6 +42,8 @@
 #   BENCH_AMQP_URL              the broker [amqp://guest:guest@127.0.0.1:5672/%2f]
 set -euo pipefail
 
+# A relative BENCH_COURIER is taken from where the script was started.
+if [ -n "${BENCH_COURIER:-}" ]; then BENCH_COURIER=$(realpath "$BENCH_COURIER"); fi
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 
@@ -231,7 +233,16 @@ start_courier() {
     # Scrape /metrics as Prometheus would, so peak RSS and CPU include the scrapes.
     if [ "$SCRAPE" != 0 ]; then
         scrape_loop "$CPID" "$ADMIN_PORT" >"$DIR/scrape.log" 2>&1 &
-        STARTED+=("$!")
+        SCRAPE_PID=$!
+        STARTED+=("$SCRAPE_PID")
+    fi
+}
+
+stop_scraper() {
+    if [ -n "${SCRAPE_PID:-}" ]; then
+        stop "$SCRAPE_PID" 5
+        forget_pid "$SCRAPE_PID"
+        SCRAPE_PID=""
     fi
 }
 
@@ -358,6 +369,7 @@ courier_backlog() {
     fi
     stop "$CPID" 40
     forget_pid "$CPID"
+    stop_scraper
     CPID=""
     stop "$RPID" 10
     forget_pid "$RPID"
@@ -400,6 +412,7 @@ scenario_latency() { # RUN
     res=$(usage "$CPID" "$RPID")
     stop "$CPID" 40
     forget_pid "$CPID"
+    stop_scraper
     CPID=""
     stop "$RPID" 10
     forget_pid "$RPID"

@@ -17,16 +17,19 @@ use courier::{commands, telemetry, worker};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// `mi_option_purge_delay` in mimalloc v3's `mimalloc.h` (the Rust bindings do not name
-/// it). At 0, freed pages go back to the OS at once instead of after 10 ms: peak RSS with
-/// 2,000 accounts fell from 69 to 56 MiB (docs/performance.md).
+/// it). At 0, freed pages go back to the OS at once instead of after a second: peak RSS
+/// with 2,000 accounts fell from 69 to 56 MiB (docs/performance.md). An operator's
+/// `MIMALLOC_PURGE_DELAY` still wins.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 const RUNTIME_FAILURE: u8 = 1;
 const CONFIG_ERROR: u8 = 2;
 
 fn main() -> ExitCode {
-    // SAFETY: sets one integer option; mimalloc's options may be set at any time.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets one integer option; mimalloc's options may be set at any time.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+    }
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

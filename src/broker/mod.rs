@@ -7,7 +7,6 @@ pub mod topology;
 
 use std::time::Duration;
 
-use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -64,9 +63,6 @@ impl BrokerError {
     }
 }
 
-/// The largest AMQP frame courier asks for, unless the broker URL sets `frame_max`.
-pub const FRAME_MAX: u32 = 32 * 1024;
-
 /// Connects to the first node that answers, after checking its version. `name` shows in
 /// `rabbitmqctl list_connections`.
 pub async fn connect(urls: &[BrokerUrl], name: &str) -> Result<Connection, BrokerError> {
@@ -94,24 +90,19 @@ async fn connect_one(url: &BrokerUrl, name: &str) -> Result<Connection, BrokerEr
         tracing::debug!(node = %url.display, %version, "broker version");
     }
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    let mut uri: AMQPUri = url.expose().parse().map_err(|e| BrokerError::Connect {
+    let conn = tokio::time::timeout(
+        Duration::from_secs(15),
+        Connection::connect(url.expose(), props),
+    )
+    .await
+    .map_err(|_| BrokerError::Connect {
         nodes: url.display.clone(),
-        last: format!("invalid URL: {e}"),
+        last: "timed out".into(),
+    })?
+    .map_err(|e| BrokerError::Connect {
+        nodes: url.display.clone(),
+        last: e.to_string(),
     })?;
-    // lapin keeps a send and a receive buffer of 32 frames per connection: at the
-    // broker's default frame_max (128 KiB) that is 8 MiB a connection, most of
-    // courier's memory. Events are small; a body larger than a frame is simply split.
-    uri.query.frame_max.get_or_insert(FRAME_MAX);
-    let conn = tokio::time::timeout(Duration::from_secs(15), Connection::connect_uri(uri, props))
-        .await
-        .map_err(|_| BrokerError::Connect {
-            nodes: url.display.clone(),
-            last: "timed out".into(),
-        })?
-        .map_err(|e| BrokerError::Connect {
-            nodes: url.display.clone(),
-            last: e.to_string(),
-        })?;
     Ok(conn)
 }
 

@@ -8,9 +8,9 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::RwLock;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use super::RequestOutcome;
 use crate::batch::FlushReason;
@@ -23,11 +23,13 @@ const DURATION_BUCKETS: [f64; 13] = [
 /// `courier_batch_size`, as CONTRACT §7 lists them.
 const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 150.0, 200.0];
 
-/// A histogram's counts per bucket (not cumulative), its count and its sum (f64 bits).
+/// A histogram's counts per bucket (not cumulative, the last slot past every bound) and
+/// its sum (f64 bits). The count is the total of the slots, so a scrape that races an
+/// observation still shows cumulative buckets that never exceed `+Inf`.
 pub(super) struct Buckets<const N: usize> {
     bounds: &'static [f64; N],
     counts: [AtomicU64; N],
-    count: AtomicU64,
+    overflow: AtomicU64,
     sum: AtomicU64,
 }
 
@@ -36,28 +38,33 @@ impl<const N: usize> Buckets<N> {
         Self {
             bounds,
             counts: std::array::from_fn(|_| AtomicU64::new(0)),
-            count: AtomicU64::new(0),
+            overflow: AtomicU64::new(0),
             sum: AtomicU64::new(0f64.to_bits()),
         }
     }
 
     pub(super) fn observe(&self, value: f64) {
-        if let Some(i) = self.bounds.iter().position(|&bound| value <= bound) {
-            self.counts[i].fetch_add(1, Relaxed);
-        }
+        match self.bounds.iter().position(|&bound| value <= bound) {
+            Some(i) => self.counts[i].fetch_add(1, Relaxed),
+            None => self.overflow.fetch_add(1, Relaxed),
+        };
         let _ = self.sum.fetch_update(Relaxed, Relaxed, |bits| {
             Some((f64::from_bits(bits) + value).to_bits())
         });
-        self.count.fetch_add(1, Relaxed);
     }
 
+    /// Writes the samples, unless nothing was observed yet.
     fn write(&self, out: &mut String, name: &str, labels: &str) {
+        let counts: [u64; N] = std::array::from_fn(|i| self.counts[i].load(Relaxed));
+        let count = counts.iter().sum::<u64>() + self.overflow.load(Relaxed);
+        if count == 0 {
+            return;
+        }
         let mut cumulative = 0;
-        for (bound, count) in self.bounds.iter().zip(&self.counts) {
-            cumulative += count.load(Relaxed);
+        for (bound, n) in self.bounds.iter().zip(counts) {
+            cumulative += n;
             let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
         }
-        let count = self.count.load(Relaxed);
         let sum = f64::from_bits(self.sum.load(Relaxed));
         let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
         let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
@@ -93,7 +100,7 @@ impl Default for Series {
 }
 
 /// An account's two destinations, indexed by `RecordType`.
-type ByType = [Option<Box<Series>>; 2];
+type ByType = [Option<Arc<Series>>; 2];
 
 /// Every destination seen so far, by account and type.
 #[derive(Default)]
@@ -110,45 +117,62 @@ impl Destinations {
         f: impl FnOnce(&Series) -> R,
     ) -> R {
         {
-            let map = self.by_account.read().expect("metrics lock");
+            let map = self
+                .by_account
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
             if let Some(series) = map.get(account).and_then(|s| s[kind as usize].as_deref()) {
                 return f(series);
             }
         }
-        let mut map = self.by_account.write().expect("metrics lock");
+        let mut map = self
+            .by_account
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         let slot = &mut map.entry(account.into()).or_default()[kind as usize];
         f(slot.get_or_insert_with(Default::default))
     }
 
     /// Appends the families in Prometheus text format, destinations sorted.
     pub(super) fn render(&self, out: &mut String) {
-        let map = self.by_account.read().expect("metrics lock");
-        let mut accounts: Vec<&str> = map.keys().map(|a| &**a).collect();
-        accounts.sort_unstable();
+        // A snapshot, so the lock is not held while ~10 MB of text is written: a new
+        // destination's first event would otherwise wait, and every call behind it.
+        let mut destinations: Vec<(Box<str>, RecordType, Arc<Series>)> = {
+            let map = self
+                .by_account
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            map.iter()
+                .flat_map(|(account, by_type)| {
+                    [RecordType::Company, RecordType::Contact]
+                        .into_iter()
+                        .filter_map(|kind| {
+                            Some((account.clone(), kind, by_type[kind as usize].clone()?))
+                        })
+                })
+                .collect()
+        };
+        destinations.sort_unstable_by(|a, b| (&a.0, a.1 as usize).cmp(&(&b.0, b.1 as usize)));
         // ~2.8 KB of text per destination: reserved once rather than doubled as it grows
         // (11 MB with 4,000 destinations).
-        let destinations: usize = map.values().map(|s| s.iter().flatten().count()).sum();
-        out.reserve(destinations * 3 * 1024);
+        out.reserve(destinations.len() * 3 * 1024);
         let family = |out: &mut String,
                       name: &str,
                       kind: &str,
                       help: &str,
                       f: &dyn Fn(&mut Sample, &Series)| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for account in &accounts {
-                for kind in [RecordType::Company, RecordType::Contact] {
-                    if let Some(series) = map[*account][kind as usize].as_deref() {
-                        f(
-                            &mut Sample {
-                                out,
-                                name,
-                                account,
-                                kind: kind.as_str(),
-                            },
-                            series,
-                        );
-                    }
-                }
+            for (account, kind, series) in &destinations {
+                let kind = kind.as_str();
+                f(
+                    &mut Sample {
+                        out,
+                        name,
+                        account,
+                        kind,
+                    },
+                    series,
+                );
             }
         };
         family(
@@ -239,21 +263,17 @@ impl Sample<'_> {
             account,
             kind,
         } = self;
-        let extra = extra
-            .map(|(k, v)| format!(",{k}=\"{v}\""))
-            .unwrap_or_default();
-        let _ = writeln!(
-            out,
-            "{name}{{account=\"{account}\"{extra},type=\"{kind}\"}} {value}"
-        );
+        let _ = write!(out, "{name}{{account=\"{account}\"");
+        if let Some((label, v)) = extra {
+            let _ = write!(out, ",{label}=\"{v}\"");
+        }
+        let _ = writeln!(out, ",type=\"{kind}\"}} {value}");
     }
 
     /// A histogram's samples, once it has observed something.
     fn histogram<const N: usize>(&mut self, h: &Buckets<N>) {
-        if h.count.load(Relaxed) > 0 {
-            let labels = format!("account=\"{}\",type=\"{}\"", self.account, self.kind);
-            h.write(self.out, self.name, &labels);
-        }
+        let labels = format!("account=\"{}\",type=\"{}\"", self.account, self.kind);
+        h.write(self.out, self.name, &labels);
     }
 }
 
@@ -306,5 +326,40 @@ mod tests {
             "courier_batches_flushed_total{account=\"a\",reason=\"window\",type=\"company\"} 1"
         ));
         assert!(!text.contains("reason=\"size\""));
+    }
+
+    #[test]
+    fn a_scrape_during_observations_never_shows_a_bucket_above_its_count() {
+        let d = std::sync::Arc::new(Destinations::default());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writers: Vec<_> = (0..3)
+            .map(|_| {
+                let (d, stop) = (d.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Relaxed) {
+                        d.with("a", RecordType::Company, |s| s.batch_size.observe(150.0));
+                    }
+                })
+            })
+            .collect();
+        for _ in 0..300 {
+            let mut text = String::new();
+            d.render(&mut text);
+            let value = |needle: &str| -> Option<u64> {
+                let line = text.lines().find(|l| l.starts_with(needle))?;
+                line.rsplit(' ').next()?.parse().ok()
+            };
+            let (Some(top), Some(inf), Some(count)) = (
+                value("courier_batch_size_bucket{account=\"a\",type=\"company\",le=\"200\"}"),
+                value("courier_batch_size_bucket{account=\"a\",type=\"company\",le=\"+Inf\"}"),
+                value("courier_batch_size_count{"),
+            ) else {
+                continue;
+            };
+            assert!(top <= inf, "le=200 {top} > +Inf {inf}");
+            assert_eq!(inf, count);
+        }
+        stop.store(true, Relaxed);
+        writers.into_iter().for_each(|w| w.join().unwrap());
     }
 }
