@@ -1,9 +1,8 @@
 //! Every metric of CONTRACT §7 in one struct, with named methods for call sites so no
 //! call site spells a metric name or a label.
 
-use std::time::Duration;
-
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,

@@ -195,12 +195,8 @@ impl Destinations {
             "counter",
             "HTTP requests by outcome",
             &|w, s| {
-                for outcome in RequestOutcome::ALL {
-                    let v = s.requests[outcome as usize].load(Relaxed);
-                    if v > 0 {
-                        w.counter(Some(("outcome", outcome.as_str())), v);
-                    }
-                }
+                let values = RequestOutcome::ALL.map(|o| (o.as_str(), &s.requests[o as usize]));
+                w.used_counters("outcome", values)
             },
         );
         family(
@@ -223,12 +219,8 @@ impl Destinations {
             "counter",
             "Batches flushed, by reason",
             &|w, s| {
-                for reason in FlushReason::ALL {
-                    let v = s.flushed[reason as usize].load(Relaxed);
-                    if v > 0 {
-                        w.counter(Some(("reason", reason.as_str())), v);
-                    }
-                }
+                let values = FlushReason::ALL.map(|r| (r.as_str(), &s.flushed[r as usize]));
+                w.used_counters("reason", values)
             },
         );
         family(
@@ -268,6 +260,17 @@ impl Sample<'_> {
             let _ = write!(out, ",{label}=\"{v}\"");
         }
         let _ = writeln!(out, ",type=\"{kind}\"}} {value}");
+    }
+
+    /// One sample per value of `label` whose counter has moved (as the `prometheus`
+    /// crate showed a label set only once used).
+    fn used_counters<const N: usize>(&mut self, label: &str, values: [(&str, &AtomicU64); N]) {
+        for (value, counter) in values {
+            let n = counter.load(Relaxed);
+            if n > 0 {
+                self.counter(Some((label, value)), n);
+            }
+        }
     }
 
     /// A histogram's samples, once it has observed something.
