@@ -319,7 +319,12 @@ async fn a_dropped_broker_connection_loses_nothing() {
         .map(|i| event(&format!("b{i}"), "acme", "company"))
         .collect();
     broker.publish(&second).await;
-    assert!(receiver.wait_for_events(200, Duration::from_secs(20)).await >= 200);
+    assert!(
+        receiver
+            .wait_for_distinct(200, Duration::from_secs(20))
+            .await
+            >= 200
+    );
     worker.shutdown().await;
     let delivered: HashSet<_> = receiver.delivered_ids().into_iter().collect();
     for body in first.iter().chain(&second) {

@@ -202,9 +202,27 @@ impl Receiver {
 
     /// Waits until at least `n` events were accepted; returns how many were.
     pub async fn wait_for_events(&self, n: usize, timeout: Duration) -> usize {
+        self.wait_until(n, timeout, |ids| ids.len()).await
+    }
+
+    /// Waits until at least `n` distinct event ids were accepted (after a fault, a
+    /// redelivered duplicate must not stand in for an event still on its way).
+    pub async fn wait_for_distinct(&self, n: usize, timeout: Duration) -> usize {
+        self.wait_until(n, timeout, |ids| {
+            ids.iter().collect::<std::collections::HashSet<_>>().len()
+        })
+        .await
+    }
+
+    async fn wait_until(
+        &self,
+        n: usize,
+        timeout: Duration,
+        count: impl Fn(&[String]) -> usize,
+    ) -> usize {
         let deadline = Instant::now() + timeout;
         loop {
-            let got = self.delivered_ids().len();
+            let got = count(&self.delivered_ids());
             if got >= n || Instant::now() >= deadline {
                 return got;
             }
