@@ -12,7 +12,7 @@
 //! - [`deliver`]: one HTTP attempt and its `Outcome`.
 //! - [`retry`]: immediate backoff and the next scheduled tier; [`circuit`]: the breaker.
 //! - [`guard`]: the private-network guard on destination addresses.
-//! - [`worker`]: the pipeline itself; owns the acknowledgements.
+//! - [`pipeline`]: the worker itself; owns the acknowledgements.
 //! - [`metrics`]: every metric in one struct; [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`commands`]: `check`, `setup`, `publish`, `receive`; [`cli`]: the command line.
 //! - [`telemetry`]: logging set-up.
@@ -31,4 +31,4 @@ pub mod metrics;
 pub mod retry;
 pub mod sign;
 pub mod telemetry;
-pub mod worker;
+pub mod pipeline;

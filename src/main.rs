@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use courier::cli::{Cli, Command, DlqCommand};
 use courier::config::{self, LogFormat, Settings};
-use courier::{commands, telemetry, worker};
+use courier::{commands, pipeline, telemetry};
 
 /// mimalloc instead of glibc's malloc: fewer CPU cycles per allocation and far less
 /// fragmentation across the runtime's threads (docs/performance.md).
@@ -77,7 +77,7 @@ async fn run_command(cli: Cli) -> Result<(), u8> {
             tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %settings.source.display(), accounts = settings.accounts.len(), "courier starting");
             let shutdown = CancellationToken::new();
             tokio::spawn(on_signal(shutdown.clone()));
-            let worker = worker::Worker::new(settings);
+            let worker = pipeline::Worker::new(settings);
             tokio::spawn(on_hangup(worker.reloader()));
             worker.run(shutdown).await.map_err(|e| fail(&e))?;
             tracing::info!("courier stopped");
@@ -167,7 +167,7 @@ fn fail(error: &dyn std::fmt::Display) -> u8 {
 }
 
 /// Reloads the configuration on every SIGHUP.
-async fn on_hangup(reloader: worker::Reloader) {
+async fn on_hangup(reloader: pipeline::Reloader) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
     while hup.recv().await.is_some() {

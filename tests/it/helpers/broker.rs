@@ -1,0 +1,226 @@
+//! The test's own broker connection: publishing and inspection on the test's queues,
+//! which it deletes when dropped.
+
+use std::time::Duration;
+
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    ExchangeDeleteOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use tokio::time::Instant;
+
+use super::{Names, amqp_url};
+
+/// A broker connection for the test's own publishing and inspection; deletes the test's
+/// queues and exchange when dropped (even when the test panics).
+pub struct Broker {
+    pub names: Names,
+    pub conn: Connection,
+    channel: lapin::Channel,
+    queues: Vec<String>,
+}
+
+impl Broker {
+    pub async fn connect(names: &Names, schedule: &[&str]) -> Self {
+        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("broker");
+        let channel = conn.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let mut queues = vec![names.deliver(), names.dead()];
+        queues.extend(
+            schedule
+                .iter()
+                .map(|d| format!("{}.retry.{d}", names.prefix)),
+        );
+        Self {
+            names: names.clone(),
+            conn,
+            channel,
+            queues,
+        }
+    }
+
+    /// Publishes bodies to the test exchange with routing key `<account>.<type>`, confirmed.
+    pub async fn publish(&self, bodies: &[Vec<u8>]) {
+        self.publish_with(bodies, BasicProperties::default().with_delivery_mode(2))
+            .await;
+    }
+
+    pub async fn publish_with(&self, bodies: &[Vec<u8>], properties: BasicProperties) {
+        let mut confirms = Vec::with_capacity(bodies.len());
+        for body in bodies {
+            let key = serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .map(|v| {
+                    format!(
+                        "{}.{}",
+                        v["account"].as_str().unwrap_or("x"),
+                        v["type"].as_str().unwrap_or("y")
+                    )
+                })
+                .unwrap_or_else(|| "bad.event".into());
+            let confirm = self
+                .channel
+                .basic_publish(
+                    self.names.exchange.as_str().into(),
+                    key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    body,
+                    properties.clone(),
+                )
+                .await
+                .unwrap();
+            confirms.push(confirm);
+            if confirms.len() >= 500 {
+                for c in confirms.drain(..) {
+                    assert_eq!(
+                        c.await.unwrap(),
+                        lapin::Confirmation::Ack(None),
+                        "publish not confirmed"
+                    );
+                }
+            }
+        }
+        for c in confirms {
+            assert_eq!(
+                c.await.unwrap(),
+                lapin::Confirmation::Ack(None),
+                "publish not confirmed"
+            );
+        }
+    }
+
+    /// Publishes bodies straight into `queue` through the default exchange, confirmed.
+    pub async fn publish_to_queue(&self, queue: &str, bodies: &[Vec<u8>]) {
+        let mut confirms = Vec::with_capacity(bodies.len());
+        for body in bodies {
+            let confirm = self
+                .channel
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    body,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .unwrap();
+            confirms.push(confirm);
+        }
+        for c in confirms {
+            assert_eq!(
+                c.await.unwrap(),
+                lapin::Confirmation::Ack(None),
+                "publish not confirmed"
+            );
+        }
+    }
+
+    /// Takes every message of `queue` (acking them): body and headers.
+    pub async fn drain(&self, queue: &str) -> Vec<(Vec<u8>, FieldTable)> {
+        let channel = self.conn.create_channel().await.unwrap();
+        let mut out = Vec::new();
+        while let Some(msg) = channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+        {
+            let headers = msg
+                .delivery
+                .properties
+                .headers()
+                .clone()
+                .unwrap_or_default();
+            msg.delivery.ack(BasicAckOptions::default()).await.unwrap();
+            out.push((msg.delivery.data.clone(), headers));
+        }
+        out
+    }
+
+    /// Messages ready in `queue`.
+    pub async fn depth(&self, queue: &str) -> u32 {
+        let channel = self.conn.create_channel().await.unwrap();
+        channel
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map(|q| q.message_count())
+            .unwrap_or(0)
+    }
+
+    /// Waits until `queue` holds at least `n` messages.
+    pub async fn wait_for_depth(&self, queue: &str, n: u32, timeout: Duration) -> u32 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let depth = self.depth(queue).await;
+            if depth >= n || Instant::now() >= deadline {
+                return depth;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let queues = self.queues.clone();
+        let exchange = self.names.exchange.clone();
+        // Drop cannot await: clean up on a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let Ok(conn) =
+                    Connection::connect(&amqp_url(), ConnectionProperties::default()).await
+                else {
+                    return;
+                };
+                let Ok(channel) = conn.create_channel().await else {
+                    return;
+                };
+                for q in queues {
+                    let _ = channel
+                        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                        .await;
+                }
+                let _ = channel
+                    .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                    .await;
+                let _ = conn.close(200, "cleanup".into()).await;
+            });
+        })
+        .join();
+    }
+}
+
+/// A header's value as text or integer.
+pub fn header_str(headers: &FieldTable, name: &str) -> Option<String> {
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        AMQPValue::LongLongInt(n) => Some(n.to_string()),
+        AMQPValue::LongInt(n) => Some(n.to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}
+

@@ -1,0 +1,244 @@
+//! The real local receiver: records every request and answers as the test tells it.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::event_id;
+
+/// One request the receiver got.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub status: u16,
+    /// When the request arrived.
+    pub at: std::time::Instant,
+    /// Whether the answer was sent (false while a delayed answer waits).
+    pub answered: bool,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The events of the body, each as the exact bytes it had in the body.
+    pub fn events(&self) -> Vec<String> {
+        match self.body.first() {
+            Some(b'[') => serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(&self.body)
+                .expect("a JSON array")
+                .into_iter()
+                .map(|raw| raw.get().to_owned())
+                .collect(),
+            _ => vec![String::from_utf8(self.body.to_vec()).expect("UTF-8")],
+        }
+    }
+
+    /// The ids of the body's events.
+    pub fn ids(&self) -> Vec<String> {
+        self.events()
+            .iter()
+            .map(|e| event_id(e.as_bytes()))
+            .collect()
+    }
+}
+
+#[derive(Default)]
+struct ReceiverState {
+    requests: Mutex<Vec<Recorded>>,
+    /// Statuses to answer next, in order; then `status`.
+    script: Mutex<VecDeque<u16>>,
+    status: AtomicU16,
+    retry_after: Mutex<Option<String>>,
+    /// Bodies containing this text get this status.
+    reject: Mutex<Option<(String, u16)>>,
+    /// Bodies longer than this get this status.
+    too_large: Mutex<Option<(usize, u16)>>,
+    delay: Mutex<Option<Duration>>,
+}
+
+/// A real HTTP receiver on loopback that records requests and answers as told.
+#[derive(Clone)]
+pub struct Receiver {
+    pub addr: SocketAddr,
+    state: Arc<ReceiverState>,
+    /// Stops the server when the last clone is dropped.
+    _stop: Arc<tokio_util::sync::DropGuard>,
+}
+
+impl Receiver {
+    /// Listens on `127.0.0.1:0`.
+    pub async fn start() -> Self {
+        Self::start_on("127.0.0.1:0").await
+    }
+
+    /// Listens on `addr`.
+    pub async fn start_on(addr: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .expect("bind receiver");
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(ReceiverState {
+            status: AtomicU16::new(200),
+            ..Default::default()
+        });
+        let stop = CancellationToken::new();
+        let app = Router::new().fallback(record).with_state(state.clone());
+        let token = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await
+                .unwrap();
+        });
+        Self {
+            addr,
+            state,
+            _stop: Arc::new(stop.drop_guard()),
+        }
+    }
+
+    /// `http://ADDR/path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// The status answered from now on.
+    pub fn set_status(&self, status: u16) {
+        self.state.status.store(status, Ordering::SeqCst);
+    }
+
+    /// Statuses answered next, before the standing one.
+    pub fn script(&self, statuses: &[u16]) {
+        self.state.script.lock().unwrap().extend(statuses);
+    }
+
+    /// `Retry-After` on every answer from now on.
+    pub fn set_retry_after(&self, value: Option<&str>) {
+        *self.state.retry_after.lock().unwrap() = value.map(str::to_owned);
+    }
+
+    /// Waits this long before answering each request.
+    pub fn set_delay(&self, delay: Duration) {
+        *self.state.delay.lock().unwrap() = Some(delay);
+    }
+
+    /// Answers `status` to any body longer than `max` bytes.
+    pub fn reject_bodies_larger_than(&self, max: usize, status: u16) {
+        *self.state.too_large.lock().unwrap() = Some((max, status));
+    }
+
+    /// Answers `status` to any body that contains `needle`.
+    pub fn reject_bodies_with(&self, needle: &str, status: u16) {
+        *self.state.reject.lock().unwrap() = Some((needle.to_owned(), status));
+    }
+
+    /// Every request so far.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.requests.lock().unwrap().clone()
+    }
+
+    /// Requests answered 2xx.
+    pub fn accepted(&self) -> Vec<Recorded> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.answered && (200..300).contains(&r.status))
+            .collect()
+    }
+
+    /// Ids of the events in 2xx-answered requests.
+    pub fn delivered_ids(&self) -> Vec<String> {
+        self.accepted().iter().flat_map(Recorded::ids).collect()
+    }
+
+    /// Waits until at least `n` events were accepted; returns how many were.
+    pub async fn wait_for_events(&self, n: usize, timeout: Duration) -> usize {
+        self.wait_until(n, timeout, |ids| ids.len()).await
+    }
+
+    /// Waits until at least `n` distinct event ids were accepted (after a fault, a
+    /// redelivered duplicate must not stand in for an event still on its way).
+    pub async fn wait_for_distinct(&self, n: usize, timeout: Duration) -> usize {
+        self.wait_until(n, timeout, |ids| {
+            ids.iter().collect::<std::collections::HashSet<_>>().len()
+        })
+        .await
+    }
+
+    async fn wait_until(
+        &self,
+        n: usize,
+        timeout: Duration,
+        count: impl Fn(&[String]) -> usize,
+    ) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = count(&self.delivered_ids());
+            if got >= n || Instant::now() >= deadline {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn record(
+    State(state): State<Arc<ReceiverState>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let rejected = state
+        .reject
+        .lock()
+        .unwrap()
+        .as_ref()
+        .and_then(|(needle, status)| {
+            let body = String::from_utf8_lossy(&body);
+            body.contains(needle.as_str()).then_some(*status)
+        });
+    let too_large = state
+        .too_large
+        .lock()
+        .unwrap()
+        .and_then(|(max, status)| (body.len() > max).then_some(status));
+    let status = rejected
+        .or(too_large)
+        .or_else(|| state.script.lock().unwrap().pop_front())
+        .unwrap_or_else(|| state.status.load(Ordering::SeqCst));
+    state.requests.lock().unwrap().push(Recorded {
+        path: uri.path().to_owned(),
+        headers,
+        body,
+        status,
+        at: std::time::Instant::now(),
+        answered: false,
+    });
+    let index = state.requests.lock().unwrap().len() - 1;
+    // Recorded on arrival, answered after the delay.
+    let delay = *state.delay.lock().unwrap();
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
+    state.requests.lock().unwrap()[index].answered = true;
+    let mut response = StatusCode::from_u16(status).unwrap().into_response();
+    if let Some(retry_after) = state.retry_after.lock().unwrap().clone() {
+        response
+            .headers_mut()
+            .insert("retry-after", retry_after.parse().unwrap());
+    }
+    response
+}
+
