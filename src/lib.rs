@@ -28,7 +28,7 @@ pub mod deliver;
 pub mod event;
 pub mod guard;
 pub mod metrics;
+pub mod pipeline;
 pub mod retry;
 pub mod sign;
 pub mod telemetry;
-pub mod pipeline;

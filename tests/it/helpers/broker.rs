@@ -223,4 +223,3 @@ pub fn header_str(headers: &FieldTable, name: &str) -> Option<String> {
         other => Some(format!("{other:?}")),
     }
 }
-

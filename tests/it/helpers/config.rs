@@ -116,4 +116,3 @@ pub fn settings(names: &Names, spec: &ConfigSpec) -> Settings {
     })
     .unwrap_or_else(|e| panic!("test config invalid: {e}\n{text}"))
 }
-

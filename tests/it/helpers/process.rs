@@ -6,8 +6,6 @@ use std::time::Duration;
 
 use super::suffix;
 
-use std::process::{Child, Command, Output, Stdio};
-
 pub const BIN: &str = env!("CARGO_BIN_EXE_courier");
 
 pub fn temp_dir() -> PathBuf {

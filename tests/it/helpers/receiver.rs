@@ -241,4 +241,3 @@ async fn record(
     }
     response
 }
-
