@@ -9,8 +9,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
-use courier::deliver::encode_body;
 use courier::event;
+use courier::http::encode_body;
 use courier::sign;
 
 /// A realistic event of about `size` bytes (CONTRACT §1): routing fields first, then a

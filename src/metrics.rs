@@ -9,8 +9,8 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::batch::FlushReason;
 use crate::event::RecordType;
+use crate::pipeline::batch::FlushReason;
 
 mod destinations;
 use destinations::Destinations;

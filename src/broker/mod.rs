@@ -1,7 +1,9 @@
 //! Everything that talks AMQP: connecting (with the server version check), the topology
-//! of CONTRACT §4, and confirmed publishing.
+//! (docs/operations.md, "Broker topology"), confirmed publishing, acknowledgements by watermark,
+//! and courier's own message headers.
 
 pub mod acks;
+pub mod headers;
 pub mod publish;
 pub mod topology;
 
@@ -12,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::BrokerUrl;
 
-pub use publish::{Publisher, history_free_headers};
+pub use publish::{PublishError, Publisher};
 pub use topology::declare;
 
 /// The oldest RabbitMQ courier runs against (quorum delivery limits, at-least-once
@@ -83,6 +85,35 @@ pub async fn connect(urls: &[BrokerUrl], name: &str) -> Result<Connection, Broke
         .collect::<Vec<_>>()
         .join(", ");
     Err(BrokerError::Connect { nodes, last })
+}
+
+/// Connects as [`connect`] does, then declares the topology for `schedule` on that
+/// connection.
+pub async fn connect_declared(
+    broker: &crate::config::BrokerSettings,
+    schedule: &[Duration],
+    name: &str,
+) -> Result<Connection, BrokerError> {
+    let conn = connect(&broker.urls, name).await?;
+    match declare(&conn, broker, schedule).await {
+        Ok(()) => Ok(conn),
+        Err(e) => {
+            let _ = conn.close(200, "declaration failed".into()).await;
+            Err(e)
+        }
+    }
+}
+
+/// Declares the topology on a short connection of its own (`courier setup`, a reload
+/// that adds retry tiers).
+pub async fn ensure_topology(
+    broker: &crate::config::BrokerSettings,
+    schedule: &[Duration],
+    name: &str,
+) -> Result<(), BrokerError> {
+    let conn = connect_declared(broker, schedule, name).await?;
+    let _ = conn.close(200, "declared".into()).await;
+    Ok(())
 }
 
 async fn connect_one(url: &BrokerUrl, name: &str) -> Result<Connection, BrokerError> {

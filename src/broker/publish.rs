@@ -2,12 +2,10 @@
 //! the consumer's acks). Every publish is `mandatory` and awaits its confirm; a returned
 //! or nacked message is a failure.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 use tokio::sync::Mutex;
 
 use super::{BrokerError, connect};
@@ -72,14 +70,15 @@ impl Publisher {
         Ok(channel)
     }
 
-    /// Publishes once and waits for the broker's confirm.
-    async fn publish_once(
+    /// Publishes once; the returned [`Confirm`] resolves when the broker has taken the
+    /// message. Several may be outstanding at once (`courier publish` keeps a window).
+    pub async fn send(
         &self,
         exchange: &str,
         routing_key: &str,
         body: &[u8],
         properties: BasicProperties,
-    ) -> Result<(), PublishError> {
+    ) -> Result<Confirm, PublishError> {
         let channel = self.channel().await?;
         let confirm = channel
             .basic_publish(
@@ -94,19 +93,7 @@ impl Publisher {
             )
             .await
             .map_err(BrokerError::amqp("publishing"))?;
-        // Bounded: a blocked broker must not hold the originals unacknowledged for long.
-        let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
-            .await
-            .map_err(|_| PublishError::TimedOut(CONFIRM_TIMEOUT))?
-            .map_err(BrokerError::amqp("waiting for a publisher confirm"))?;
-        match confirm {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
-                Err(PublishError::Returned(returned.reply_text.to_string()))
-            }
-            Confirmation::Nack(None) => Err(PublishError::Nacked),
-            Confirmation::NotRequested => unreachable!("confirm_select is always enabled"),
-        }
+        Ok(Confirm(confirm))
     }
 
     /// Publishes with confirm, reconnecting and retrying a few times on a broken
@@ -122,10 +109,14 @@ impl Publisher {
         let mut delay = Duration::from_millis(100);
         let mut attempt = 1;
         loop {
-            match self
-                .publish_once(exchange, routing_key, body, properties.clone())
+            let result = match self
+                .send(exchange, routing_key, body, properties.clone())
                 .await
             {
+                Ok(confirm) => confirm.wait().await,
+                Err(e) => Err(e),
+            };
+            match result {
                 Ok(()) => return Ok(()),
                 Err(PublishError::Broker(e)) if attempt < 4 && !e.is_fatal() => {
                     tracing::warn!(error = %e, attempt, "publish failed; reconnecting");
@@ -150,42 +141,24 @@ impl Publisher {
     }
 }
 
-/// A message's headers without the broker's history (`x-death`, `x-first-death-*`,
-/// `x-last-death-*`, `x-delivery-count`), so stale history cannot trip the broker's
-/// dead-letter cycle detection.
-pub fn history_free_headers(headers: Option<&FieldTable>) -> BTreeMap<ShortString, AMQPValue> {
-    let mut map = headers.map(|h| h.inner().clone()).unwrap_or_default();
-    map.retain(|k, _| {
-        let k = k.as_str();
-        k != "x-death"
-            && k != "x-delivery-count"
-            && !k.starts_with("x-first-death-")
-            && !k.starts_with("x-last-death-")
-    });
-    map
-}
+/// A message the broker has not confirmed yet.
+pub struct Confirm(PublisherConfirm);
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn history_headers_are_dropped() {
-        let mut t = FieldTable::default();
-        for k in [
-            "x-death",
-            "x-first-death-queue",
-            "x-last-death-reason",
-            "x-delivery-count",
-            "x-courier-retries",
-            "trace",
-        ] {
-            t.insert(k.into(), AMQPValue::Boolean(true));
+impl Confirm {
+    /// Waits for the broker's confirm (bounded: a blocked broker must not hold the
+    /// originals unacknowledged for long). A returned or nacked message is an error.
+    pub async fn wait(self) -> Result<(), PublishError> {
+        let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, self.0)
+            .await
+            .map_err(|_| PublishError::TimedOut(CONFIRM_TIMEOUT))?
+            .map_err(BrokerError::amqp("waiting for a publisher confirm"))?;
+        match confirm {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+                Err(PublishError::Returned(returned.reply_text.to_string()))
+            }
+            Confirmation::Nack(None) => Err(PublishError::Nacked),
+            Confirmation::NotRequested => unreachable!("confirm_select is always enabled"),
         }
-        let kept: Vec<String> = history_free_headers(Some(&t))
-            .keys()
-            .map(|k| k.to_string())
-            .collect();
-        assert_eq!(kept, vec!["trace", "x-courier-retries"]);
     }
 }

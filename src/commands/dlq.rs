@@ -8,10 +8,11 @@ use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 
-use crate::broker::{self, BrokerError, Publisher, history_free_headers};
+use crate::broker::headers::{Trail, broker_death_reason, republish_properties};
+use crate::broker::{self, BrokerError, PublishError, Publisher};
 use crate::config::Settings;
 
 /// What `list` and `replay` know of one dead letter.
@@ -24,31 +25,11 @@ pub struct Letter {
     pub id: String,
 }
 
-fn text(value: &AMQPValue) -> Option<String> {
-    match value {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.to_string()),
-        _ => None,
-    }
-}
-
 /// Reads a dead letter's reason and routing facts; `-` for what it does not say.
 pub fn describe(body: &[u8], headers: Option<&FieldTable>) -> Letter {
-    let headers = headers.map(FieldTable::inner);
-    let courier_reason = headers
-        .and_then(|h| h.get("x-courier-reason"))
-        .and_then(text);
-    let broker_reason = || {
-        let AMQPValue::FieldArray(deaths) = headers?.get("x-death")? else {
-            return None;
-        };
-        let AMQPValue::FieldTable(first) = deaths.as_slice().first()? else {
-            return None;
-        };
-        first.inner().get("reason").and_then(text)
-    };
-    let reason = courier_reason
-        .or_else(broker_reason)
+    let reason = Trail::read(headers)
+        .reason
+        .or_else(|| broker_death_reason(headers))
         .unwrap_or_else(|| "unknown".into());
     #[derive(serde::Deserialize, Default)]
     struct Partial {
@@ -128,7 +109,7 @@ pub enum DlqError {
     Publish {
         replayed: usize,
         #[source]
-        source: crate::broker::publish::PublishError,
+        source: PublishError,
     },
 }
 
@@ -271,24 +252,18 @@ pub async fn replay(settings: &Settings, filter: &Filter) -> Result<Replayed, Dl
 /// A dead letter's properties for replay: the broker's history and courier's retry and
 /// dead-letter headers dropped (`x-courier-first-seen` stays, for the lag metric).
 fn replay_properties(original: &BasicProperties) -> BasicProperties {
-    let mut headers = history_free_headers(original.headers().as_ref());
-    headers.retain(|k, _| {
-        !k.as_str().starts_with("x-courier-") || k.as_str() == "x-courier-first-seen"
-    });
-    let mut properties = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type("application/json".into())
-        .with_headers(FieldTable::from(headers));
-    if let Some(id) = original.message_id() {
-        properties = properties.with_message_id(id.clone());
-    }
-    properties
+    let headers = original.headers().as_ref();
+    let trail = Trail {
+        first_seen: Trail::read(headers).first_seen,
+        ..Trail::default()
+    };
+    republish_properties(original, trail.write(headers))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lapin::types::{FieldArray, LongString};
+    use lapin::types::{AMQPValue, FieldArray, LongString};
 
     fn long(s: &str) -> AMQPValue {
         AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
@@ -362,6 +337,10 @@ mod tests {
         ] {
             h.insert(k.into(), long("v"));
         }
+        h.insert(
+            "x-courier-first-seen".into(),
+            long("2026-11-28T10:00:00.000Z"),
+        );
         let props = replay_properties(&BasicProperties::default().with_headers(h));
         let kept: Vec<String> = props
             .headers()

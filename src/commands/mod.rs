@@ -63,9 +63,7 @@ pub fn check_summary(settings: &Settings) -> String {
 
 /// `courier setup`: declares the topology and lists what was declared.
 pub async fn setup(settings: &Settings) -> Result<String, BrokerError> {
-    let conn = broker::connect(&settings.broker.urls, "courier-setup").await?;
-    broker::declare(&conn, &settings.broker, &settings.retry.schedule).await?;
-    let _ = conn.close(200, "done".into()).await;
+    broker::ensure_topology(&settings.broker, &settings.retry.schedule, "courier-setup").await?;
     let names: Vec<String> = broker::topology::queues(&settings.broker, &settings.retry.schedule)
         .into_iter()
         .map(|q| q.name)

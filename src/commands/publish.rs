@@ -5,27 +5,32 @@
 use std::collections::VecDeque;
 use std::io::BufRead;
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Confirmation};
+use lapin::BasicProperties;
 
-use crate::broker::{self, BrokerError};
+use crate::broker::{BrokerError, PublishError, Publisher};
 use crate::config::Settings;
 use crate::event;
 
 /// Confirms awaited at once: enough to keep the broker busy, bounded in memory.
 const CONFIRM_WINDOW: usize = 512;
 
-/// A publish failure.
+/// Why `courier publish` failed.
 #[derive(Debug, thiserror::Error)]
-pub enum PublishError {
+pub enum PublishFileError {
     #[error("cannot read the input: {0}")]
     Read(#[from] std::io::Error),
     #[error("{count} invalid line(s), nothing published:\n{report}")]
     Invalid { count: usize, report: String },
     #[error(transparent)]
     Broker(#[from] BrokerError),
-    #[error("the broker did not take event on line {line}: {reason}")]
-    NotConfirmed { line: usize, reason: String },
+    #[error(
+        "the broker did not take event on line {line}: {source}; is the topology declared? run `courier setup`"
+    )]
+    NotConfirmed {
+        line: usize,
+        #[source]
+        source: PublishError,
+    },
 }
 
 /// What a publish run did.
@@ -79,77 +84,44 @@ pub async fn publish(
     settings: &Settings,
     input: impl BufRead,
     skip_invalid: bool,
-) -> Result<Summary, PublishError> {
+) -> Result<Summary, PublishFileError> {
     let (lines, invalid) = read_lines(input, settings.broker.max_event_bytes)?;
     if !invalid.is_empty() && !skip_invalid {
-        return Err(PublishError::Invalid {
+        return Err(PublishFileError::Invalid {
             count: invalid.len(),
             report: invalid.join("\n"),
         });
     }
-    let conn = broker::connect(&settings.broker.urls, "courier-publish-cli").await?;
-    let channel = conn
-        .create_channel()
-        .await
-        .map_err(BrokerError::amqp("opening a channel"))?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(BrokerError::amqp("enabling publisher confirms"))?;
+    let publisher = Publisher::connect(&settings.broker.urls, "courier-publish-cli").await?;
     let properties = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type("application/json".into());
+    let exchange = settings.broker.exchange.as_str();
     let mut pending = VecDeque::with_capacity(CONFIRM_WINDOW);
     let mut published = 0;
+    let not_confirmed = |line: usize| move |source| PublishFileError::NotConfirmed { line, source };
     for line in &lines {
-        let confirm = channel
-            .basic_publish(
-                settings.broker.exchange.as_str().into(),
-                line.routing_key.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &line.body,
-                properties.clone(),
-            )
+        let confirm = publisher
+            .send(exchange, &line.routing_key, &line.body, properties.clone())
             .await
-            .map_err(BrokerError::amqp("publishing"))?;
+            .map_err(not_confirmed(line.number))?;
         pending.push_back((line.number, confirm));
         if pending.len() >= CONFIRM_WINDOW {
             let (number, confirm) = pending.pop_front().expect("not empty");
-            published += confirmed(number, confirm.await)?;
+            confirm.wait().await.map_err(not_confirmed(number))?;
+            published += 1;
         }
     }
     while let Some((number, confirm)) = pending.pop_front() {
-        published += confirmed(number, confirm.await)?;
+        confirm.wait().await.map_err(not_confirmed(number))?;
+        published += 1;
     }
-    let _ = conn.close(200, "done".into()).await;
+    publisher.close().await;
     Ok(Summary {
         published,
         skipped: invalid.len(),
         report: invalid,
     })
-}
-
-fn confirmed(line: usize, result: lapin::Result<Confirmation>) -> Result<usize, PublishError> {
-    match result.map_err(BrokerError::amqp("waiting for a publisher confirm"))? {
-        Confirmation::Ack(None) => Ok(1),
-        Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
-            Err(PublishError::NotConfirmed {
-                line,
-                reason: format!(
-                    "returned ({}); is the topology declared? run `courier setup`",
-                    returned.reply_text
-                ),
-            })
-        }
-        Confirmation::Nack(None) => Err(PublishError::NotConfirmed {
-            line,
-            reason: "nacked".into(),
-        }),
-        Confirmation::NotRequested => unreachable!("confirm_select is enabled"),
-    }
 }
 
 #[cfg(test)]

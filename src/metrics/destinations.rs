@@ -13,8 +13,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use super::RequestOutcome;
-use crate::batch::FlushReason;
 use crate::event::RecordType;
+use crate::pipeline::batch::FlushReason;
 
 /// `courier_request_duration_seconds`: 5 ms doubling to ~20 s.
 const DURATION_BUCKETS: [f64; 13] = [

@@ -1,5 +1,8 @@
 //! One HTTP attempt and its [`Outcome`]: the shared client, the request courier sends
-//! (CONTRACT §2), and the classification of what came back.
+//! (docs/receiving.md), the classification of what came back, and the private-network
+//! [`guard`] on destination addresses.
+
+pub mod guard;
 
 use std::time::{Duration, SystemTime};
 
@@ -9,7 +12,6 @@ use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER, USER_AGENT};
 use url::Url;
 
 use crate::config::{Account, DeliverySettings};
-use crate::guard;
 
 /// What one request came to.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,233 @@
+//! The consumer loop: takes deliveries, parses and routes them, accumulates batches, and
+//! hands flushed batches to delivery tasks. It also applies reloads and decides when to
+//! flush (size, bytes, interval, a full window, shutdown; docs/design.md, "Batching").
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+use futures_util::StreamExt;
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::Key;
+use super::batch::{Accumulator, FlushReason, Flushed, Limits};
+use super::deliver::{self, Batch, Context};
+use super::reload::Live;
+use super::session::Session;
+use super::settle::{DeadLetter, Pending, UNKNOWN_ACCOUNT};
+use crate::broker::headers::Trail;
+use crate::config::{Account, Settings};
+use crate::event;
+
+/// What the consumer keeps from one session to the next.
+pub struct Intake {
+    /// What new batches are formed under; replaced on reload.
+    pub live: Arc<Live>,
+    pub reloads: watch::Receiver<Arc<Settings>>,
+    /// Requests in flight per destination.
+    pub destinations: HashMap<Key, Arc<Semaphore>>,
+}
+
+/// Why the consumer loop ended.
+pub enum Ended {
+    Shutdown,
+    Lost(String),
+}
+
+type Open = Accumulator<Key, (Arc<Live>, Arc<Account>), Pending>;
+type Flush = Flushed<Key, (Arc<Live>, Arc<Account>), Pending>;
+
+/// Consumes `session` until shutdown or until the connection is lost. On shutdown every
+/// open batch is flushed; on a lost connection they are dropped with their channel (the
+/// broker redelivers them).
+pub async fn consume(
+    intake: &mut Intake,
+    session: &mut Session,
+    cx: &Context,
+    shutdown: &CancellationToken,
+) -> Ended {
+    let prefetch = intake.live.settings.broker.prefetch as usize;
+    let mut open = Open::default();
+    let ended = loop {
+        let deadline = open.next_deadline();
+        let due = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                open.drain(FlushReason::Shutdown, |f| dispatch(cx, &mut intake.destinations, f));
+                break Ended::Shutdown;
+            }
+            Ok(()) = intake.reloads.changed() => reloaded(intake),
+            _ = due => open.expired(Instant::now(), |f| dispatch(cx, &mut intake.destinations, f)),
+            next = session.consumer.next() => {
+                let delivery = match next {
+                    Some(Ok(delivery)) => delivery,
+                    Some(Err(e)) => break Ended::Lost(e.to_string()),
+                    None => break Ended::Lost("the consumer was cancelled".into()),
+                };
+                session.window.fetch_add(1, Ordering::SeqCst);
+                accept(intake, &mut open, cx, delivery);
+                // A full window means no new message can arrive: flush every open batch
+                // instead of waiting for their timers. Where the window holds two of the
+                // largest batches, flush already at half a window, so the broker keeps
+                // sending while those are delivered and any batch can still fill
+                // (docs/performance.md).
+                let full = session.window.load(Ordering::SeqCst) >= prefetch;
+                let half = intake.live.pipelined && open.buffered() >= prefetch.div_ceil(2);
+                if (full || half) && open.buffered() > 0 {
+                    open.drain(FlushReason::Window, |f| dispatch(cx, &mut intake.destinations, f));
+                }
+            }
+        }
+        cx.shared.metrics.set_buffered(open.buffered());
+    };
+    if let Ended::Lost(_) = ended {
+        let dropped = open.discard();
+        tracing::debug!(dropped, "open batches dropped with their channel");
+    }
+    cx.shared.metrics.set_buffered(open.buffered());
+    ended
+}
+
+/// Applies a reloaded configuration to batches formed from now on.
+fn reloaded(intake: &mut Intake) {
+    let settings = intake.reloads.borrow_and_update().clone();
+    match intake.live.reloaded(settings) {
+        Ok((live, reset_destinations)) => {
+            if reset_destinations {
+                intake.destinations.clear();
+            }
+            intake.live = Arc::new(live);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the HTTP client of the new configuration");
+        }
+    }
+}
+
+/// Routes one delivery into its open batch, or settles it at once.
+fn accept(intake: &mut Intake, open: &mut Open, cx: &Context, delivery: lapin::message::Delivery) {
+    let Intake {
+        live, destinations, ..
+    } = intake;
+    let Some((key, account, pending)) = route(live, cx, delivery) else {
+        return;
+    };
+    let limits = Limits {
+        batch_size: account.batch_size,
+        max_body_bytes: live.settings.delivery.max_body_bytes,
+        flush_interval: account.flush_interval,
+    };
+    let len = pending.body.len();
+    let ctx = || ((live.clone(), account), limits);
+    open.push(&key, pending, len, Instant::now(), ctx, |f| {
+        dispatch(cx, destinations, f)
+    });
+}
+
+/// Starts the delivery task of a flushed batch.
+fn dispatch(cx: &Context, destinations: &mut HashMap<Key, Arc<Semaphore>>, flushed: Flush) {
+    let (live, account) = flushed.ctx;
+    let limit = live.settings.delivery.max_inflight_per_destination;
+    let destination = destinations
+        .entry(flushed.key.clone())
+        .or_insert_with(|| Arc::new(Semaphore::new(limit)))
+        .clone();
+    cx.shared.metrics.batch_flushed(
+        &flushed.key.0,
+        flushed.key.1,
+        flushed.items.len(),
+        flushed.reason,
+    );
+    let batch = Batch {
+        live,
+        account,
+        kind: flushed.key.1,
+        limits: flushed.limits,
+        items: flushed.items,
+        destination,
+    };
+    deliver::spawn(cx, batch);
+}
+
+/// Parses one delivery. Returns the event to batch, or settles it here (skip) or in a
+/// task of its own (dead letter).
+fn route(
+    live: &Live,
+    cx: &Context,
+    delivery: lapin::message::Delivery,
+) -> Option<(Key, Arc<Account>, Pending)> {
+    let settings = &live.settings;
+    let trail = Trail::of_delivery(delivery.exchange.as_str(), &delivery.properties);
+    let first_seen = trail.first_seen.unwrap_or_else(SystemTime::now);
+    let parsed = event::parse(&delivery.data, settings.broker.max_event_bytes).map(|e| {
+        (
+            e.id.into_owned(),
+            e.account.into_owned(),
+            e.kind,
+            e.occurred_at,
+        )
+    });
+    let pending = |id: String, lag_from| Pending {
+        body: delivery.data.into(),
+        id,
+        lag_from,
+        first_seen,
+        consumed_at: Instant::now(),
+        properties: delivery.properties,
+        trail,
+        tag: delivery.delivery_tag,
+    };
+    let (id, account_id, kind, occurred_at) = match parsed {
+        Ok(parsed) => parsed,
+        Err(invalid) => {
+            tracing::warn!(error = %invalid, "invalid event dead-lettered");
+            let dead = dead_letter("invalid_event", "", "", invalid.0);
+            spawn_dead_letter(cx, pending(String::new(), first_seen), dead);
+            return None;
+        }
+    };
+    let lag_from = occurred_at.map(SystemTime::from).unwrap_or(first_seen);
+    let item = pending(id, lag_from);
+    let Some(account) = settings.accounts.get(&account_id) else {
+        tracing::warn!(account = %account_id, "event of an unknown account dead-lettered");
+        let error = format!("account {account_id:?} is not configured");
+        let dead = dead_letter("unknown_account", UNKNOWN_ACCOUNT, kind.as_str(), error);
+        spawn_dead_letter(cx, item, dead);
+        return None;
+    };
+    cx.shared.metrics.event_consumed(&account.id, kind);
+    if account.url(kind).is_none() {
+        cx.shared
+            .metrics
+            .event_skipped(&account.id, kind, "contacts_disabled");
+        cx.settle.skipped(item);
+        return None;
+    }
+    Some(((account.id.clone(), kind), account.clone(), item))
+}
+
+fn dead_letter(reason: &str, account: &str, kind: &str, error: String) -> DeadLetter {
+    DeadLetter {
+        reason: reason.to_owned(),
+        account: account.to_owned(),
+        kind: kind.to_owned(),
+        status: None,
+        error,
+        destination: None,
+    }
+}
+
+fn spawn_dead_letter(cx: &Context, item: Pending, dead: DeadLetter) {
+    let settle = cx.settle.clone();
+    cx.tasks
+        .spawn(async move { settle.dead_letter(item, &dead).await });
+}

@@ -1,0 +1,313 @@
+//! The delivery task: one flushed batch from its first request to its settlement. It
+//! carries out what [`decide`](super::decide) says and holds no policy of its own: take a
+//! request slot, ask the circuit, send, tell the circuit, then ack, split, reject, wait and
+//! try again, or leave for the scheduled tiers.
+//!
+//! A task runs inside its broker session ([`Tasks`](super::session::Tasks)): when the
+//! session ends, the task is dropped wherever it waits, its request slots are released
+//! and nothing is settled on its behalf.
+
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use secrecy::ExposeSecret;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use super::Key;
+use super::batch::Limits;
+use super::decide::{
+    self, Attempted, CircuitNote, MAX_HOLD, Progress, Step, circuit_note, immediate_backoff,
+};
+use super::reload::Live;
+use super::session::Tasks;
+use super::settle::{DeadLetter, Pending, Settler};
+use crate::circuit::{Admission, Breakers};
+use crate::config::{Account, CircuitSettings, redact_url};
+use crate::event::RecordType;
+use crate::http::{Outcome, Request, encode_body};
+use crate::metrics::{Metrics, RequestOutcome};
+use crate::sign;
+
+/// What every delivery task shares with the others: the worker's state that outlives
+/// broker sessions.
+pub struct Deliveries {
+    pub metrics: Arc<Metrics>,
+    pub circuits: Mutex<Breakers<Key>>,
+}
+
+/// A flushed batch with what its delivery task needs.
+pub struct Batch {
+    pub live: Arc<Live>,
+    pub account: Arc<Account>,
+    pub kind: RecordType,
+    pub limits: Limits,
+    pub items: Vec<Pending>,
+    /// Requests in flight to this destination.
+    pub destination: Arc<Semaphore>,
+}
+
+/// What a delivery task works with.
+#[derive(Clone)]
+pub struct Context {
+    pub shared: Arc<Deliveries>,
+    pub settle: Settler,
+    pub tasks: Tasks,
+}
+
+/// Starts the delivery task of `batch` in its session.
+pub fn spawn(cx: &Context, batch: Batch) {
+    cx.tasks.spawn(deliver(cx.clone(), batch));
+}
+
+/// Delivers one batch: immediate attempts with backoff, then settlement.
+async fn deliver(cx: Context, batch: Batch) {
+    let key: Key = (batch.account.id.clone(), batch.kind);
+    let url = batch
+        .account
+        .url(batch.kind)
+        .expect("only routable events are batched");
+    let destination = redact_url(url);
+    let body = encode_body(
+        batch.limits.batch_size,
+        &batch.items.iter().map(|p| &p.body).collect::<Vec<_>>(),
+    );
+    let signature = batch
+        .account
+        .hmac_secret
+        .as_ref()
+        .map(|s| sign::signature(s.expose_secret().as_bytes(), &body));
+    let delivery_id = sign::delivery_id(batch.items.iter().map(|p| p.id.as_str()));
+    let live = batch.live.clone();
+    let retry = &live.settings.retry;
+    let mut backoff = immediate_backoff(retry);
+    let held_since = batch.items.iter().map(|p| p.consumed_at).min();
+    let hold_deadline = held_since.unwrap_or_else(Instant::now) + MAX_HOLD;
+    let mut attempt = 1;
+    loop {
+        // The request slots first: a batch that waited behind a dead endpoint learns
+        // here that the circuit opened meanwhile, and leaves without a request. Waiting
+        // is bounded, so no message nears the broker's consumer_timeout.
+        let slots = tokio::time::timeout_at(hold_deadline, async {
+            let slot = batch.destination.clone().acquire_owned().await;
+            let permit = live.requests.clone().acquire_owned().await;
+            (slot.expect("never closed"), permit.expect("never closed"))
+        })
+        .await;
+        let outcome;
+        let attempted = match slots {
+            Err(_) => Attempted::NoSlot,
+            Ok(_slots) => {
+                let admission = cx.admit(&key);
+                if admission == Admission::Refuse {
+                    Attempted::CircuitOpen
+                } else {
+                    let probe = ProbeGuard::new(&cx.shared, &key, admission);
+                    let request = Request {
+                        account: &batch.account,
+                        url,
+                        body: body.clone(),
+                        signature: signature.as_deref(),
+                        delivery_id: &delivery_id,
+                        attempt,
+                        event_count: batch.items.len(),
+                    };
+                    outcome = cx.send(&live, request, &key).await;
+                    probe.disarm();
+                    cx.note_circuit(&key, admission, &outcome, &live.settings.circuit);
+                    Attempted::Sent {
+                        admission,
+                        outcome: &outcome,
+                    }
+                }
+            }
+        };
+        let progress = Progress {
+            attempt,
+            events: batch.items.len(),
+            now: Instant::now(),
+            hold_deadline,
+            backoff: backoff.next().unwrap_or(retry.max_interval),
+            destination: &destination,
+        };
+        let step = decide::decide(attempted, &progress, retry);
+        match step {
+            Step::Wait(delay) => {
+                tracing::debug!(account = %key.0, kind = %key.1, attempt, ?delay, "attempt failed; trying again");
+                cx.shared
+                    .metrics
+                    .events_retried(&key.0, key.1, "immediate", batch.items.len());
+                tokio::time::sleep(delay).await;
+                attempt += 1;
+            }
+            step => return cx.finish(batch, step, &destination).await,
+        }
+    }
+}
+
+impl Context {
+    fn admit(&self, key: &Key) -> Admission {
+        let mut circuits = self.shared.circuits.lock().expect("circuit lock");
+        circuits.admit(key, Instant::now())
+    }
+
+    /// One HTTP attempt, counted.
+    async fn send(&self, live: &Live, request: Request<'_>, key: &Key) -> Outcome {
+        let metrics = &self.shared.metrics;
+        metrics.inflight_add(1);
+        let _inflight = scopeguard(|| metrics.inflight_add(-1));
+        let started = Instant::now();
+        // Boxed: a batch waiting for its slots (hundreds of them with many destinations)
+        // then holds a small task, not the whole request machinery.
+        let outcome = Box::pin(live.sender.send(request)).await;
+        let label = match outcome {
+            Outcome::Delivered { .. } => RequestOutcome::Success,
+            Outcome::Rejected { .. } => RequestOutcome::Rejected,
+            Outcome::Retryable { .. } => RequestOutcome::Retryable,
+        };
+        metrics.request(&key.0, key.1, label, started.elapsed());
+        outcome
+    }
+
+    /// Tells the destination's circuit what the attempt came to.
+    fn note_circuit(
+        &self,
+        key: &Key,
+        admission: Admission,
+        outcome: &Outcome,
+        settings: &CircuitSettings,
+    ) {
+        let mut circuits = self.shared.circuits.lock().expect("circuit lock");
+        let change = match circuit_note(admission, outcome) {
+            CircuitNote::Success => circuits.success(key),
+            CircuitNote::Failure { probe } => {
+                circuits.failure(key, Instant::now(), settings, probe)
+            }
+            CircuitNote::Neutral => {
+                circuits.neutral(key);
+                None
+            }
+            CircuitNote::Nothing => None,
+        };
+        drop(circuits);
+        if let Some(change) = change {
+            if change.open {
+                tracing::warn!(account = %key.0, kind = %key.1, cooldown = ?settings.cooldown, "circuit opened");
+            } else {
+                tracing::info!(account = %key.0, kind = %key.1, "circuit closed");
+            }
+            self.shared
+                .metrics
+                .set_circuit_open(&key.0, key.1, change.open);
+        }
+    }
+
+    /// Carries out the step that ends a batch's immediate stage.
+    async fn finish(&self, batch: Batch, step: Step, destination: &str) {
+        let Batch {
+            live,
+            account,
+            kind,
+            limits,
+            items,
+            destination: slots,
+        } = batch;
+        let metrics = &self.shared.metrics;
+        match step {
+            Step::Ack => {
+                let now = SystemTime::now();
+                for item in &items {
+                    metrics
+                        .delivery_lag(kind, now.duration_since(item.lag_from).unwrap_or_default());
+                }
+                metrics.events_delivered(&account.id, kind, items.len());
+                self.settle.delivered(items);
+            }
+            Step::Split { status } => {
+                // Isolate the rejected events: each half is a batch of its own.
+                let mut first = items;
+                let second = first.split_off(first.len() / 2);
+                tracing::info!(account = %account.id, %kind, status, events = first.len() + second.len(), "batch rejected; splitting");
+                for half in [first, second] {
+                    metrics.batch_split(&account.id, kind);
+                    let batch = Batch {
+                        live: live.clone(),
+                        account: account.clone(),
+                        kind,
+                        limits,
+                        items: half,
+                        destination: slots.clone(),
+                    };
+                    spawn(self, batch);
+                }
+            }
+            Step::Reject { status } => {
+                let dead = DeadLetter {
+                    reason: format!("rejected_{status}"),
+                    account: account.id.to_string(),
+                    kind: kind.as_str().to_owned(),
+                    status: Some(status),
+                    error: format!("HTTP {status}: the receiver rejected the event"),
+                    destination: Some(destination.to_owned()),
+                };
+                for item in items {
+                    Box::pin(self.settle.dead_letter(item, &dead)).await;
+                }
+            }
+            Step::Schedule(failure) => {
+                tracing::info!(account = %account.id, %kind, events = items.len(), status = ?failure.status, error = %failure.error, "to scheduled retry");
+                let retry = &live.settings.retry;
+                self.settle
+                    .schedule(items, &failure, destination, retry, (&account.id, kind))
+                    .await;
+            }
+            Step::Wait(_) => unreachable!("waiting is the delivery loop's"),
+        }
+    }
+}
+
+/// A probe that never reports (its session ended while it was out) would leave the
+/// circuit waiting for it for ever: if dropped armed, the probe counts as neutral and the
+/// next batch probes again.
+struct ProbeGuard<'a> {
+    shared: &'a Deliveries,
+    key: &'a Key,
+    armed: bool,
+}
+
+impl<'a> ProbeGuard<'a> {
+    fn new(shared: &'a Deliveries, key: &'a Key, admission: Admission) -> Self {
+        Self {
+            shared,
+            key,
+            armed: admission == Admission::Probe,
+        }
+    }
+
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed
+            && let Ok(mut circuits) = self.shared.circuits.lock()
+        {
+            circuits.neutral(self.key);
+        }
+    }
+}
+
+/// Runs `f` when dropped.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}

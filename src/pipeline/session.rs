@@ -1,0 +1,160 @@
+//! One broker session: the consuming connection and channel, its acknowledgements and
+//! prefetch window, and the tasks it spawned. The session owns those tasks: when it ends
+//! (connection lost, shutdown), they stop wherever they wait, release their request
+//! slots, and never ack or republish on behalf of a dead channel; what they held returns
+//! through the broker.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, Consumer};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::acks::Acks;
+use crate::broker::{self, BrokerError};
+use crate::config::Settings;
+
+/// The tasks of one session. Cheap to clone.
+#[derive(Clone)]
+pub struct Tasks {
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl Tasks {
+    fn new() -> Self {
+        Self {
+            tracker: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    /// Runs `work` until it ends or the session is cancelled, whichever is first.
+    pub fn spawn(&self, work: impl Future<Output = ()> + Send + 'static) {
+        let cancel = self.cancel.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => {}
+                _ = work => {}
+            }
+        });
+    }
+
+    /// Cancelled when the session ends.
+    pub fn token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Tasks still running.
+    pub fn unfinished(&self) -> usize {
+        self.tracker.len()
+    }
+}
+
+/// A consuming connection and what hangs off it.
+pub struct Session {
+    connection: Connection,
+    channel: Channel,
+    tag: String,
+    /// The deliveries; the consumer loop takes them.
+    pub consumer: Consumer,
+    /// Messages the broker holds unacknowledged for this channel. Each session has its
+    /// own, so late settlements of a dead channel never skew a new one.
+    pub window: Arc<AtomicUsize>,
+    pub acks: Acks,
+    ack_task: JoinHandle<()>,
+    pub tasks: Tasks,
+}
+
+impl Session {
+    /// Connects, declares the topology, and starts consuming the delivery queue.
+    pub async fn open(settings: &Settings) -> Result<Self, BrokerError> {
+        let broker = &settings.broker;
+        let name = format!("courier consume {}", broker.queue_prefix);
+        let connection = broker::connect_declared(broker, &settings.retry.schedule, &name).await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(BrokerError::amqp("opening the consume channel"))?;
+        channel
+            .basic_qos(broker.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(BrokerError::amqp("setting prefetch"))?;
+        let tag = format!("courier-{}", std::process::id());
+        let queue = broker.deliver_queue();
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(BrokerError::amqp(format!("consuming from {queue}")))?;
+        let window = Arc::new(AtomicUsize::new(0));
+        let (acks, ack_task) = Acks::spawn(channel.clone(), broker.prefetch, window.clone());
+        Ok(Self {
+            connection,
+            channel,
+            tag,
+            consumer,
+            window,
+            acks,
+            ack_task,
+            tasks: Tasks::new(),
+        })
+    }
+
+    /// Ends the session on shutdown: stops consuming, gives the tasks up to `grace` to
+    /// settle, cancels what is left (it returns to the queue), sends the last acks and
+    /// closes the connection.
+    pub async fn shut_down(self, grace: Duration) {
+        let brief = Duration::from_secs(5);
+        let cancel = self
+            .channel
+            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default());
+        let _ = tokio::time::timeout(brief, cancel).await;
+        self.tasks.tracker.close();
+        if tokio::time::timeout(grace, self.tasks.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?grace,
+                unfinished = self.tasks.unfinished(),
+                "shutdown timeout passed; unsettled messages return to the queue"
+            );
+        }
+        self.end(brief).await;
+    }
+
+    /// Ends a session whose connection was lost: its tasks stop at once.
+    pub async fn abandon(self) {
+        self.tasks.tracker.close();
+        self.end(Duration::from_secs(1)).await;
+    }
+
+    async fn end(self, brief: Duration) {
+        let Self {
+            connection,
+            acks,
+            ack_task,
+            tasks,
+            ..
+        } = self;
+        tasks.cancel.cancel();
+        let _ = tokio::time::timeout(brief, tasks.tracker.wait()).await;
+        // Every task is gone and with it its ack handle: the ack task sends what was
+        // settled, then ends.
+        drop(acks);
+        let _ = tokio::time::timeout(brief, ack_task).await;
+        let _ = tokio::time::timeout(brief, connection.close(200, "session ended".into())).await;
+    }
+}

@@ -1,0 +1,208 @@
+//! Settling: the only code that acknowledges, returns or republishes a consumed message.
+//!
+//! A message is acknowledged only when its effect is durable: delivered with a 2xx,
+//! skipped by configuration, or confirmed into a retry tier or the dead-letter queue.
+//! [`Pending`] is moved into every settling call, so a message is settled at most once.
+//! A [`Settler`] belongs to one broker session: once that session has ended it settles
+//! nothing, and what it held returns through the broker.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use lapin::BasicProperties;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::decide::{Failure, Next, next_tier};
+use crate::broker::Publisher;
+use crate::broker::acks::Acks;
+use crate::broker::headers::{Trail, republish_properties};
+use crate::config::{BrokerSettings, RetrySettings};
+use crate::event::RecordType;
+use crate::metrics::Metrics;
+
+/// One consumed event on its way to a receiver.
+pub struct Pending {
+    pub body: Bytes,
+    pub id: String,
+    /// `occurred_at`, else first seen: the start of the delivery lag.
+    pub lag_from: SystemTime,
+    /// When courier first consumed this event (this time or before a retry).
+    pub first_seen: SystemTime,
+    /// When this delivery arrived: how long it has been held unacknowledged.
+    pub consumed_at: Instant,
+    pub properties: BasicProperties,
+    /// What courier recorded on it before, if it put it back itself.
+    pub trail: Trail,
+    /// The delivery tag on its channel.
+    pub tag: u64,
+}
+
+/// Why an event goes to the dead-letter queue, with what its headers will say.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// `x-courier-reason`.
+    pub reason: String,
+    /// The metric labels: a configured account (or `(unknown)`) and the record type.
+    pub account: String,
+    pub kind: String,
+    pub status: Option<u16>,
+    pub error: String,
+    /// Scheme, host and port of the destination, if one was tried.
+    pub destination: Option<String>,
+}
+
+/// The account label of events whose account is not configured: metric labels only ever
+/// take configured values.
+pub const UNKNOWN_ACCOUNT: &str = "(unknown)";
+
+/// Settles the messages of one broker session.
+#[derive(Clone)]
+pub struct Settler {
+    acks: Acks,
+    publisher: Arc<Publisher>,
+    broker: Arc<BrokerSettings>,
+    metrics: Arc<Metrics>,
+    /// Cancelled when the session ends.
+    session: CancellationToken,
+}
+
+impl Settler {
+    pub fn new(
+        acks: Acks,
+        publisher: Arc<Publisher>,
+        broker: Arc<BrokerSettings>,
+        metrics: Arc<Metrics>,
+        session: CancellationToken,
+    ) -> Self {
+        Self {
+            acks,
+            publisher,
+            broker,
+            metrics,
+            session,
+        }
+    }
+
+    /// Acknowledges events delivered with a 2xx.
+    pub fn delivered(&self, items: Vec<Pending>) {
+        self.ack(items.iter().map(|item| item.tag).collect());
+    }
+
+    /// Acknowledges an event the account chose not to receive.
+    pub fn skipped(&self, item: Pending) {
+        self.ack(vec![item.tag]);
+    }
+
+    fn ack(&self, tags: Vec<u64>) {
+        if !self.session.is_cancelled() {
+            self.acks.ack(tags);
+        }
+    }
+
+    /// Sends each event to its next scheduled tier, or dead-letters it as
+    /// `retries_exhausted` when its retries are used up.
+    pub async fn schedule(
+        &self,
+        items: Vec<Pending>,
+        failure: &Failure,
+        destination: &str,
+        retry: &RetrySettings,
+        (account, kind): (&str, RecordType),
+    ) {
+        join_all(items.into_iter().map(|item| async move {
+            let now = SystemTime::now();
+            let retries = item.trail.retries.unwrap_or(0).max(0) as usize;
+            let first_failure = item.trail.first_failure.unwrap_or(now);
+            let next = next_tier(
+                &retry.schedule,
+                retries,
+                failure.retry_after,
+                first_failure,
+                now,
+                retry.max_age,
+            );
+            match next {
+                Next::Exhausted => {
+                    let dead = DeadLetter {
+                        reason: "retries_exhausted".into(),
+                        account: account.to_owned(),
+                        kind: kind.as_str().to_owned(),
+                        status: failure.status,
+                        error: failure.error.clone(),
+                        destination: Some(destination.to_owned()),
+                    };
+                    self.dead_letter(item, &dead).await;
+                }
+                Next::Tier { index, retries } => {
+                    let trail = Trail {
+                        retries: Some(retries as i64),
+                        first_failure: Some(first_failure),
+                        first_seen: Some(item.first_seen),
+                        last_error: Some(failure.error.clone()),
+                        ..Trail::default()
+                    };
+                    let queue = self.broker.retry_queue(retry.schedule[index]);
+                    if self.republish(item, &queue, &trail).await {
+                        self.metrics.events_retried(account, kind, "scheduled", 1);
+                    }
+                }
+            }
+        }))
+        .await;
+    }
+
+    /// Republishes one event to the dead-letter queue, then acks its original.
+    pub async fn dead_letter(&self, item: Pending, dead: &DeadLetter) {
+        let now = SystemTime::now();
+        let trail = Trail {
+            retries: Some(item.trail.retries.unwrap_or(0)),
+            first_failure: Some(item.trail.first_failure.unwrap_or(now)),
+            first_seen: Some(item.first_seen),
+            last_error: Some(dead.error.clone()),
+            reason: Some(dead.reason.clone()),
+            last_status: dead.status,
+            dead_at: Some(now),
+            destination: dead.destination.clone(),
+        };
+        if self
+            .republish(item, &self.broker.dead_queue(), &trail)
+            .await
+        {
+            self.metrics
+                .event_dead_lettered(&dead.account, &dead.kind, &dead.reason);
+        }
+    }
+
+    /// Publishes a copy of `item` to `queue` (confirmed, mandatory) with `trail`, then
+    /// acks the original. If the publish fails the original goes back to the queue
+    /// instead (nack with requeue), so nothing is lost. Returns whether it was published.
+    async fn republish(&self, item: Pending, queue: &str, trail: &Trail) -> bool {
+        if self.session.is_cancelled() {
+            return false;
+        }
+        let headers = trail.write(item.properties.headers().as_ref());
+        let properties = republish_properties(&item.properties, headers);
+        let published = self
+            .publisher
+            .publish("", queue, &item.body, properties)
+            .await;
+        if self.session.is_cancelled() {
+            // The channel of the original is gone: the broker returns it.
+            return published.is_ok();
+        }
+        match published {
+            Ok(()) => {
+                self.acks.ack(vec![item.tag]);
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, %queue, "republishing failed; returning the message to the queue");
+                self.acks.nack(item.tag);
+                false
+            }
+        }
+    }
+}
