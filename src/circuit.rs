@@ -1,4 +1,4 @@
-//! The circuit breaker (CONTRACT §3.4): per destination, per replica.
+//! The circuit breaker (docs/operations.md, "The circuit breaker"): per destination, per replica.
 //!
 //! After `failure_threshold` retryable outcomes in a row (rejections count as neither
 //! success nor failure) a destination opens for `cooldown`, doubling on every failed

@@ -1,4 +1,4 @@
-//! The command line (CONTRACT §6).
+//! The command line (docs/operations.md and README.md).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,4 +1,4 @@
-//! The inbound event (CONTRACT §1): parse and validate a message body without building a
+//! The inbound event (docs/events.md): parse and validate a message body without building a
 //! JSON tree and without re-encoding it.
 //!
 //! Strings borrow from the body when they hold no escapes and fall back to owned copies

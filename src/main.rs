@@ -17,8 +17,8 @@ use courier::{commands, pipeline, telemetry};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// `mi_option_purge_delay` in mimalloc v3's `mimalloc.h` (the Rust bindings do not name
-/// it). At 0, freed pages go back to the OS at once instead of after a second: peak RSS
-/// with 2,000 accounts fell from 69 to 56 MiB (docs/performance.md). An operator's
+/// it). At 0, freed pages go back to the OS at once instead of after a second, which
+/// lowers peak RSS with many destinations (docs/performance.md). An operator's
 /// `MIMALLOC_PURGE_DELAY` still wins.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
@@ -44,126 +44,181 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
-fn load(cli: &Cli) -> Result<Settings, u8> {
-    let path = config::resolve_path(cli.config.as_deref());
-    config::load(&path).map_err(|e| {
-        eprintln!("courier: configuration error: {e}");
-        CONFIG_ERROR
-    })
+/// What a command prints: `stdout` on standard output, each note on standard error.
+#[derive(Default)]
+struct Report {
+    stdout: String,
+    notes: Vec<String>,
 }
 
-async fn dispatch(cli: Cli) -> u8 {
-    match run_command(cli).await {
-        Ok(()) => 0,
-        Err(code) => code,
+impl From<String> for Report {
+    fn from(stdout: String) -> Self {
+        Self {
+            stdout,
+            notes: Vec::new(),
+        }
     }
 }
 
-async fn run_command(cli: Cli) -> Result<(), u8> {
-    match &cli.command {
-        Command::Check => {
-            let settings = load(&cli)?;
-            print!("{}", commands::check_summary(&settings));
+/// A command's failure, with its exit code; printed as `courier: <message>`.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    fn runtime(error: impl std::fmt::Display) -> Self {
+        Self {
+            code: RUNTIME_FAILURE,
+            message: error.to_string(),
         }
-        Command::Setup => {
-            let settings = load(&cli)?;
-            telemetry::init(&settings.log.level, settings.log.format);
-            let summary = commands::setup(&settings).await.map_err(|e| fail(&e))?;
-            print!("{summary}");
-        }
-        Command::Run => {
-            let settings = load(&cli)?;
-            telemetry::init(&settings.log.level, settings.log.format);
-            tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %settings.source.display(), accounts = settings.accounts.len(), "courier starting");
-            let shutdown = CancellationToken::new();
-            tokio::spawn(on_signal(shutdown.clone()));
-            let worker = pipeline::Worker::new(settings);
-            tokio::spawn(on_hangup(worker.reloader()));
-            worker.run(shutdown).await.map_err(|e| fail(&e))?;
-            tracing::info!("courier stopped");
-        }
-        Command::Publish { file, skip_invalid } => {
-            let settings = load(&cli)?;
-            telemetry::init(&settings.log.level, settings.log.format);
-            let input: Box<dyn BufRead + Send> = match file.as_deref() {
-                None => Box::new(std::io::BufReader::new(std::io::stdin())),
-                Some(path) if path.as_os_str() == "-" => {
-                    Box::new(std::io::BufReader::new(std::io::stdin()))
-                }
-                Some(path) => Box::new(std::io::BufReader::new(
-                    std::fs::File::open(path).map_err(|e| {
-                        eprintln!("courier: cannot open {}: {e}", path.display());
-                        RUNTIME_FAILURE
-                    })?,
-                )),
-            };
-            let summary = commands::publish::publish(&settings, input, *skip_invalid)
-                .await
-                .map_err(|e| fail(&e))?;
-            for line in &summary.report {
-                eprintln!("skipped {line}");
-            }
-            println!(
-                "published {} event(s), skipped {} invalid line(s)",
-                summary.published, summary.skipped
-            );
-        }
-        Command::Dlq { command } => {
-            let settings = load(&cli)?;
-            telemetry::init(&settings.log.level, settings.log.format);
-            match command {
-                DlqCommand::List { samples } => {
-                    let listing = commands::dlq::list(&settings, *samples)
-                        .await
-                        .map_err(|e| fail(&e))?;
-                    print!("{}", listing.render(&settings.broker.dead_queue()));
-                }
-                DlqCommand::Replay {
-                    account,
-                    kind,
-                    reason,
-                    limit,
-                } => {
-                    let filter = commands::dlq::Filter {
-                        account: account.clone(),
-                        kind: kind.clone(),
-                        reason: reason.clone(),
-                        limit: *limit,
-                    };
-                    let done = commands::dlq::replay(&settings, &filter)
-                        .await
-                        .map_err(|e| fail(&e))?;
-                    println!(
-                        "replayed {} of {} dead letter(s) examined to {}",
-                        done.replayed,
-                        done.examined,
-                        settings.broker.deliver_queue()
-                    );
-                }
-            }
-        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> u8 {
+    let result = match &cli.command {
         Command::Receive {
             listen,
             secret,
             header,
-        } => {
-            telemetry::init("info", LogFormat::Text);
-            let stop = CancellationToken::new();
-            tokio::spawn(on_signal(stop.clone()));
-            commands::receive::run(*listen, secret.clone(), header.clone(), stop)
-                .await
-                .map_err(|e| {
-                    eprintln!("courier receive: {e}");
-                    RUNTIME_FAILURE
-                })?;
+        } => receive(*listen, secret.clone(), header.clone()).await,
+        command => match load(&cli) {
+            Ok(settings) => {
+                if !matches!(command, Command::Check) {
+                    telemetry::init(&settings.log.level, settings.log.format);
+                }
+                run_command(command, settings).await
+            }
+            Err(failure) => Err(failure),
+        },
+    };
+    match result {
+        Ok(report) => {
+            for note in &report.notes {
+                eprintln!("{note}");
+            }
+            print!("{}", report.stdout);
+            0
+        }
+        Err(failure) => {
+            eprintln!("courier: {}", failure.message);
+            failure.code
         }
     }
-    Ok(())
 }
 
-fn fail(error: &dyn std::fmt::Display) -> u8 {
-    eprintln!("courier: {error}");
-    RUNTIME_FAILURE
+/// Loads the configuration once, for every command that has one.
+fn load(cli: &Cli) -> Result<Settings, Failure> {
+    let path = config::resolve_path(cli.config.as_deref());
+    config::load(&path).map_err(|e| Failure {
+        code: CONFIG_ERROR,
+        message: format!("configuration error: {e}"),
+    })
+}
+
+async fn run_command(command: &Command, settings: Settings) -> Result<Report, Failure> {
+    match command {
+        Command::Check => Ok(commands::check_summary(&settings).into()),
+        Command::Setup => commands::setup(&settings)
+            .await
+            .map(Report::from)
+            .map_err(Failure::runtime),
+        Command::Run => run(settings).await,
+        Command::Publish { file, skip_invalid } => {
+            publish(&settings, file.as_deref(), *skip_invalid).await
+        }
+        Command::Dlq { command } => dlq(&settings, command).await,
+        Command::Receive { .. } => unreachable!("receive needs no configuration"),
+    }
+}
+
+async fn run(settings: Settings) -> Result<Report, Failure> {
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %settings.source.display(), accounts = settings.accounts.len(), "courier starting");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(on_signal(shutdown.clone()));
+    let worker = pipeline::Worker::new(settings);
+    tokio::spawn(on_hangup(worker.reloader()));
+    worker.run(shutdown).await.map_err(Failure::runtime)?;
+    tracing::info!("courier stopped");
+    Ok(Report::default())
+}
+
+async fn publish(
+    settings: &Settings,
+    file: Option<&std::path::Path>,
+    skip_invalid: bool,
+) -> Result<Report, Failure> {
+    let input: Box<dyn BufRead + Send> = match file {
+        Some(path) if path.as_os_str() != "-" => {
+            let file = std::fs::File::open(path)
+                .map_err(|e| Failure::runtime(format!("cannot open {}: {e}", path.display())))?;
+            Box::new(std::io::BufReader::new(file))
+        }
+        _ => Box::new(std::io::BufReader::new(std::io::stdin())),
+    };
+    let summary = commands::publish::publish(settings, input, skip_invalid)
+        .await
+        .map_err(Failure::runtime)?;
+    Ok(Report {
+        stdout: format!(
+            "published {} event(s), skipped {} invalid line(s)\n",
+            summary.published, summary.skipped
+        ),
+        notes: summary
+            .report
+            .iter()
+            .map(|l| format!("skipped {l}"))
+            .collect(),
+    })
+}
+
+async fn dlq(settings: &Settings, command: &DlqCommand) -> Result<Report, Failure> {
+    match command {
+        DlqCommand::List { samples } => {
+            let listing = commands::dlq::list(settings, *samples)
+                .await
+                .map_err(Failure::runtime)?;
+            Ok(listing.render(&settings.broker.dead_queue()).into())
+        }
+        DlqCommand::Replay {
+            account,
+            kind,
+            reason,
+            limit,
+        } => {
+            let filter = commands::dlq::Filter {
+                account: account.clone(),
+                kind: kind.clone(),
+                reason: reason.clone(),
+                limit: *limit,
+            };
+            let done = commands::dlq::replay(settings, &filter)
+                .await
+                .map_err(Failure::runtime)?;
+            Ok(format!(
+                "replayed {} of {} dead letter(s) examined to {}\n",
+                done.replayed,
+                done.examined,
+                settings.broker.deliver_queue()
+            )
+            .into())
+        }
+    }
+}
+
+/// `courier receive`: needs no configuration.
+async fn receive(
+    listen: std::net::SocketAddr,
+    secret: Option<String>,
+    header: String,
+) -> Result<Report, Failure> {
+    telemetry::init("info", LogFormat::Text);
+    let stop = CancellationToken::new();
+    tokio::spawn(on_signal(stop.clone()));
+    commands::receive::run(listen, secret, header, stop)
+        .await
+        .map_err(|e| Failure::runtime(format!("receive: {e}")))?;
+    Ok(Report::default())
 }
 
 /// Reloads the configuration on every SIGHUP.

@@ -1,4 +1,4 @@
-//! Every metric of CONTRACT §7 in one struct, with named methods for call sites so no
+//! Every metric of docs/operations.md ("Metrics") in one struct, with named methods for call sites so no
 //! call site spells a metric name or a label.
 
 use std::sync::atomic::Ordering::Relaxed;

@@ -1,4 +1,4 @@
-//! The broker topology of CONTRACT §4, declared idempotently with every queue's final
+//! The broker topology (docs/operations.md, "Broker topology"), declared idempotently with every queue's final
 //! arguments.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};

@@ -1,10 +1,10 @@
 //! The per-destination series, in plain atomics rendered by hand.
 //!
 //! The `prometheus` crate keeps a child per label set that carries its own copy of the
-//! metric's description and label pairs: about 3.6 KiB per destination for the seven
-//! families below, 14 MiB with 4,000 destinations (2,000 accounts × 2 types), and a label
-//! lookup per call. Here a destination costs one map entry of atomics (~350 bytes),
-//! found by one lookup per call, and the scrape writes text straight from them.
+//! metric's description and label pairs, several KiB per destination for the seven
+//! families below, and a label lookup per call. Here a destination costs one map entry of
+//! atomics, found by one lookup per call, and the scrape writes text straight from them
+//! (docs/performance.md has the figures).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -20,7 +20,7 @@ use crate::pipeline::batch::FlushReason;
 const DURATION_BUCKETS: [f64; 13] = [
     0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
 ];
-/// `courier_batch_size`, as CONTRACT §7 lists them.
+/// `courier_batch_size`, as docs/operations.md ("Metrics") lists them.
 const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 150.0, 200.0];
 
 /// A histogram's counts per bucket (not cumulative, the last slot past every bound) and
@@ -135,7 +135,7 @@ impl Destinations {
 
     /// Appends the families in Prometheus text format, destinations sorted.
     pub(super) fn render(&self, out: &mut String) {
-        // A snapshot, so the lock is not held while ~10 MB of text is written: a new
+        // A snapshot, so the lock is not held while megabytes of text are written: a new
         // destination's first event would otherwise wait, and every call behind it.
         let mut destinations: Vec<(Box<str>, RecordType, Arc<Series>)> = {
             let map = self
@@ -153,8 +153,8 @@ impl Destinations {
                 .collect()
         };
         destinations.sort_unstable_by(|a, b| (&a.0, a.1 as usize).cmp(&(&b.0, b.1 as usize)));
-        // ~2.8 KB of text per destination: reserved once rather than doubled as it grows
-        // (11 MB with 4,000 destinations).
+        // A few KB of text per destination: reserved once rather than doubled as it
+        // grows.
         out.reserve(destinations.len() * 3 * 1024);
         let family = |out: &mut String,
                       name: &str,

@@ -1,5 +1,5 @@
 //! The accumulator: one open batch per destination, flushed by size, body bytes, age,
-//! a full prefetch window, or shutdown (CONTRACT §2).
+//! a full prefetch window, or shutdown (docs/receiving.md, "The request").
 //!
 //! Pure data structure: it owns no timers and does no I/O. The worker asks it for the
 //! next deadline and calls [`Accumulator::expired`] when it passes. Each batch keeps the

@@ -26,8 +26,8 @@ use crate::http::Outcome;
 pub const MAX_HOLD: Duration = Duration::from_secs(600);
 
 /// What became of one try to send a batch.
-#[derive(Debug, Clone, Copy)]
-pub enum Attempted<'a> {
+#[derive(Debug, Clone)]
+pub enum Attempted {
     /// No request slot came free before the hold limit.
     NoSlot,
     /// The destination's circuit is open: no request was sent.
@@ -35,7 +35,7 @@ pub enum Attempted<'a> {
     /// A request went out under `admission` and came to `outcome`.
     Sent {
         admission: Admission,
-        outcome: &'a Outcome,
+        outcome: Outcome,
     },
 }
 
@@ -91,7 +91,7 @@ pub struct Failure {
 /// | retryable, as the probe, or the last immediate attempt, or `Retry-After` over `max_interval` | `Schedule` |
 /// | retryable, its wait (`Retry-After`, else the backoff) past the hold limit | `Schedule` |
 /// | retryable otherwise | `Wait` (`Retry-After`, else the backoff) |
-pub fn decide(attempted: Attempted<'_>, progress: &Progress<'_>, retry: &RetrySettings) -> Step {
+pub fn decide(attempted: &Attempted, progress: &Progress<'_>, retry: &RetrySettings) -> Step {
     let (admission, outcome) = match attempted {
         Attempted::NoSlot => {
             return Step::Schedule(Failure {
@@ -110,7 +110,7 @@ pub fn decide(attempted: Attempted<'_>, progress: &Progress<'_>, retry: &RetrySe
                 retry_after: None,
             });
         }
-        Attempted::Sent { admission, outcome } => (admission, outcome),
+        Attempted::Sent { admission, outcome } => (*admission, outcome),
     };
     let (status, error, retry_after) = match outcome {
         Outcome::Delivered { .. } => return Step::Ack,
@@ -269,7 +269,7 @@ mod tests {
         })
     }
 
-    fn judge(attempted: Attempted<'_>, attempt: u32, events: usize, hold_left: u64) -> Step {
+    fn judge(attempted: Attempted, attempt: u32, events: usize, hold_left: u64) -> Step {
         let now = Instant::now();
         let progress = Progress {
             attempt,
@@ -279,7 +279,7 @@ mod tests {
             backoff: Duration::from_secs(2 * S),
             destination: "https://hooks.example:443",
         };
-        decide(attempted, &progress, &retry())
+        decide(&attempted, &progress, &retry())
     }
 
     #[test]
@@ -315,11 +315,12 @@ mod tests {
         ];
         // (what, admission, outcome, attempt, events, seconds left of the hold, step)
         for (what, admission, outcome, attempt, events, hold_left, expected) in rows {
-            let attempted = Attempted::Sent {
-                admission,
-                outcome: &outcome,
-            };
-            assert_eq!(judge(attempted, attempt, events, hold_left), expected, "{what}");
+            let attempted = Attempted::Sent { admission, outcome };
+            assert_eq!(
+                judge(attempted, attempt, events, hold_left),
+                expected,
+                "{what}"
+            );
         }
     }
 

@@ -85,43 +85,16 @@ async fn deliver(cx: Context, batch: Batch) {
     let hold_deadline = held_since.unwrap_or_else(Instant::now) + MAX_HOLD;
     let mut attempt = 1;
     loop {
-        // The request slots first: a batch that waited behind a dead endpoint learns
-        // here that the circuit opened meanwhile, and leaves without a request. Waiting
-        // is bounded, so no message nears the broker's consumer_timeout.
-        let slots = tokio::time::timeout_at(hold_deadline, async {
-            let slot = batch.destination.clone().acquire_owned().await;
-            let permit = live.requests.clone().acquire_owned().await;
-            (slot.expect("never closed"), permit.expect("never closed"))
-        })
-        .await;
-        let outcome;
-        let attempted = match slots {
-            Err(_) => Attempted::NoSlot,
-            Ok(_slots) => {
-                let admission = cx.admit(&key);
-                if admission == Admission::Refuse {
-                    Attempted::CircuitOpen
-                } else {
-                    let probe = ProbeGuard::new(&cx.shared, &key, admission);
-                    let request = Request {
-                        account: &batch.account,
-                        url,
-                        body: body.clone(),
-                        signature: signature.as_deref(),
-                        delivery_id: &delivery_id,
-                        attempt,
-                        event_count: batch.items.len(),
-                    };
-                    outcome = cx.send(&live, request, &key).await;
-                    probe.disarm();
-                    cx.note_circuit(&key, admission, &outcome, &live.settings.circuit);
-                    Attempted::Sent {
-                        admission,
-                        outcome: &outcome,
-                    }
-                }
-            }
+        let request = Request {
+            account: &batch.account,
+            url,
+            body: body.clone(),
+            signature: signature.as_deref(),
+            delivery_id: &delivery_id,
+            attempt,
+            event_count: batch.items.len(),
         };
+        let attempted = cx.attempt(&batch, &live, request, hold_deadline).await;
         let progress = Progress {
             attempt,
             events: batch.items.len(),
@@ -130,7 +103,7 @@ async fn deliver(cx: Context, batch: Batch) {
             backoff: backoff.next().unwrap_or(retry.max_interval),
             destination: &destination,
         };
-        let step = decide::decide(attempted, &progress, retry);
+        let step = decide::decide(&attempted, &progress, retry);
         match step {
             Step::Wait(delay) => {
                 tracing::debug!(account = %key.0, kind = %key.1, attempt, ?delay, "attempt failed; trying again");
@@ -146,6 +119,38 @@ async fn deliver(cx: Context, batch: Batch) {
 }
 
 impl Context {
+    /// One try: the request slots (waiting at most until `hold_deadline`, so no message
+    /// nears the broker's consumer_timeout), the circuit's admission, the request.
+    /// Slots come first: a batch that waited behind a dead endpoint learns here that the
+    /// circuit opened meanwhile, and leaves without a request.
+    async fn attempt(
+        &self,
+        batch: &Batch,
+        live: &Live,
+        request: Request<'_>,
+        hold_deadline: Instant,
+    ) -> Attempted {
+        let slots = tokio::time::timeout_at(hold_deadline, async {
+            let slot = batch.destination.clone().acquire_owned().await;
+            let permit = live.requests.clone().acquire_owned().await;
+            (slot.expect("never closed"), permit.expect("never closed"))
+        })
+        .await;
+        let Ok(_slots) = slots else {
+            return Attempted::NoSlot;
+        };
+        let key: Key = (batch.account.id.clone(), batch.kind);
+        let admission = self.admit(&key);
+        if admission == Admission::Refuse {
+            return Attempted::CircuitOpen;
+        }
+        let probe = ProbeGuard::new(&self.shared, &key, admission);
+        let outcome = self.send(live, request, &key).await;
+        probe.disarm();
+        self.note_circuit(&key, admission, &outcome, &live.settings.circuit);
+        Attempted::Sent { admission, outcome }
+    }
+
     fn admit(&self, key: &Key) -> Admission {
         let mut circuits = self.shared.circuits.lock().expect("circuit lock");
         circuits.admit(key, Instant::now())
