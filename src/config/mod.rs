@@ -1,0 +1,446 @@
+//! The settings tree: `courier.toml` read once into [`Settings`] (docs/configuration.md
+//! describes every key).
+//!
+//! Data flows one way through the files of this module:
+//!
+//! ```text
+//! load(path) ── reads the file ──▶ parse(path, text, env)
+//!   raw.rs       TOML text → raw sections: serde shapes, unknown keys refused,
+//!                every default named once
+//!     env.rs     `${VAR}` expanded in every string value first (hand-written: docs/design.md)
+//!   validate.rs  raw sections → typed Settings, once: durations, URLs, bounded
+//!                integers, secrets, the COURIER_AMQP_URL / COURIER_ADMIN_LISTEN overrides
+//!     account.rs one `[[account]]` → Account
+//!     headers.rs the request headers courier sets, which an account may not set
+//!   error.rs     ConfigError: the file, the key, the account, never a secret value
+//! ```
+//!
+//! Later code never re-checks a value. [`restart_only_change`] decides what a `SIGHUP`
+//! reload may change.
+
+mod account;
+mod env;
+mod error;
+mod headers;
+mod raw;
+mod validate;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, HeaderName};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use url::Url;
+
+use crate::event::RecordType;
+
+pub use error::ConfigError;
+pub use headers::{COURIER_HEADER_PREFIX, COURIER_REQUEST_HEADERS, is_courier_header};
+
+/// The longest `flush_interval`, `delivery.timeout` or `retry.max_interval` accepted.
+pub const HOLD_CAP: Duration = Duration::from_secs(300);
+
+/// The default signature header of the GoodFit connector.
+pub const DEFAULT_SIGNATURE_HEADER: &str = "x-goodfit-hmac-sha256";
+/// The largest batch the GoodFit connector allows.
+pub const MAX_BATCH_SIZE: usize = 200;
+
+/// Where the configuration comes from: `--config`, else `$COURIER_CONFIG`, else
+/// `./courier.toml`.
+pub fn resolve_path(cli: Option<&Path>) -> PathBuf {
+    cli.map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("COURIER_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("courier.toml"))
+}
+
+/// Reads and validates the file at `path`, applying `COURIER_AMQP_URL` and
+/// `COURIER_ADMIN_LISTEN`.
+pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        key: "(file)".into(),
+        account: None,
+        message: format!("cannot read the configuration file: {e}"),
+    })?;
+    let env = |name: &str| std::env::var(name).ok();
+    parse(path, &text, &env)
+}
+
+/// Parses configuration text; `env` looks variables up (the process environment in
+/// `load`, a map in tests).
+pub fn parse(
+    path: &Path,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Settings, ConfigError> {
+    let v = validate::Validator::new(path);
+    let raw = raw::read(&v, text, env)?;
+    validate::settings(&v, raw, env)
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The file it was read from.
+    pub source: PathBuf,
+    /// Grace period for in-flight work on SIGTERM/SIGINT.
+    pub shutdown_timeout: Duration,
+    pub broker: BrokerSettings,
+    pub delivery: DeliverySettings,
+    pub retry: RetrySettings,
+    pub circuit: CircuitSettings,
+    pub admin: AdminSettings,
+    pub log: LogSettings,
+    /// Accounts by id.
+    pub accounts: HashMap<String, Arc<Account>>,
+}
+
+/// The first section that differs between two configurations and needs a restart
+/// (`[broker]`, `[admin]`, `[log]`); `None` when a reload may apply `new`.
+///
+/// Each of these sections is compared whole, by its derived equality, so a key added to
+/// one of them needs a restart too without anyone remembering to list it here.
+/// `delivery.ordering` needs a restart as well (docs/configuration.md); this release
+/// accepts only `"none"`, so there is nothing to compare yet: a typed ordering setting
+/// belongs in this list.
+pub fn restart_only_change(old: &Settings, new: &Settings) -> Option<&'static str> {
+    [
+        ("[broker]", old.broker == new.broker),
+        ("[admin]", old.admin == new.admin),
+        ("[log]", old.log == new.log),
+    ]
+    .into_iter()
+    .find(|(_, same)| !same)
+    .map(|(section, _)| section)
+}
+
+/// `[broker]`. Needs a restart to change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerSettings {
+    /// Nodes to try in turn.
+    pub urls: Vec<BrokerUrl>,
+    pub exchange: String,
+    pub queue_prefix: String,
+    pub prefetch: u16,
+    pub shards: u16,
+    pub max_event_bytes: usize,
+    pub delivery_limit: u32,
+}
+
+impl BrokerSettings {
+    /// The delivery queue, e.g. `courier.deliver`.
+    pub fn deliver_queue(&self) -> String {
+        format!("{}.deliver", self.queue_prefix)
+    }
+
+    /// The dead-letter queue, e.g. `courier.dead`.
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.queue_prefix)
+    }
+
+    /// The retry queue of one schedule delay, e.g. `courier.retry.30s`.
+    pub fn retry_queue(&self, delay: Duration) -> String {
+        format!("{}.retry.{}", self.queue_prefix, delay_name(delay))
+    }
+}
+
+/// A broker address. The full URL (with its password) is a secret; `display` is safe to log.
+#[derive(Clone)]
+pub struct BrokerUrl {
+    secret: SecretString,
+    /// `scheme://host:port/vhost`, without user-info.
+    pub display: String,
+}
+
+impl BrokerUrl {
+    /// Parses and checks an `amqp://` or `amqps://` URL.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let url = Url::parse(raw).map_err(|e| format!("not a valid URL: {e}"))?;
+        if !matches!(url.scheme(), "amqp" | "amqps") {
+            return Err(format!(
+                "scheme must be amqp or amqps, not {:?}",
+                url.scheme()
+            ));
+        }
+        let host = url.host_str().ok_or("the URL has no host")?;
+        if matches!(url.host(), Some(url::Host::Ipv6(_))) {
+            // The AMQP client would silently connect to localhost instead.
+            return Err("IPv6 address literals are not supported here: use a host name".into());
+        }
+        let port = url
+            .port()
+            .unwrap_or(if url.scheme() == "amqps" { 5671 } else { 5672 });
+        let display = format!("{}://{host}:{port}{}", url.scheme(), url.path());
+        Ok(Self {
+            secret: SecretString::from(raw.to_owned()),
+            display,
+        })
+    }
+
+    /// The full URL, for the connection only.
+    pub fn expose(&self) -> &str {
+        self.secret.expose_secret()
+    }
+}
+
+/// Two addresses are equal when their full URLs are: a new password is a change.
+impl PartialEq for BrokerUrl {
+    fn eq(&self, other: &Self) -> bool {
+        self.expose() == other.expose()
+    }
+}
+
+impl Eq for BrokerUrl {}
+
+impl fmt::Debug for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.display)
+    }
+}
+
+/// `[delivery]`. Reloadable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliverySettings {
+    pub timeout: Duration,
+    pub max_concurrency: usize,
+    pub max_inflight_per_destination: usize,
+    pub max_body_bytes: usize,
+    pub allow_private_networks: bool,
+}
+
+/// `[retry]`. Reloadable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetrySettings {
+    /// Attempts in all before the batch leaves the immediate stage (≥ 1).
+    pub immediate_attempts: u32,
+    pub initial_interval: Duration,
+    pub max_interval: Duration,
+    /// Strictly increasing delays of the scheduled tiers.
+    pub schedule: Vec<Duration>,
+    pub max_age: Duration,
+}
+
+/// `[circuit]`. Reloadable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CircuitSettings {
+    pub failure_threshold: u32,
+    pub cooldown: Duration,
+    pub max_cooldown: Duration,
+}
+
+/// `[admin]`. Needs a restart to change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+}
+
+/// `[log]`. Needs a restart to change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSettings {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// One `[[account]]`: where its events go and how requests are signed. Reloadable.
+pub struct Account {
+    pub id: Arc<str>,
+    pub companies_url: Url,
+    /// `None`: contacts are not sent (acked and counted as skipped).
+    pub contacts_url: Option<Url>,
+    pub batch_size: usize,
+    pub flush_interval: Duration,
+    pub hmac_secret: Option<SecretString>,
+    pub signature_header: HeaderName,
+    /// The account's own headers; values are marked sensitive so they never print.
+    pub headers: HeaderMap,
+}
+
+impl fmt::Debug for Account {
+    // URLs shown as scheme, host and port only; secrets and header values never.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Account")
+            .field("id", &self.id)
+            .field("companies_url", &redact_url(&self.companies_url))
+            .field("contacts_url", &self.contacts_url.as_ref().map(redact_url))
+            .field("batch_size", &self.batch_size)
+            .field("flush_interval", &self.flush_interval)
+            .field("signed", &self.hmac_secret.is_some())
+            .field("signature_header", &self.signature_header)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Account {
+    /// The URL for events of `kind`, if the account receives them.
+    pub fn url(&self, kind: RecordType) -> Option<&Url> {
+        match kind {
+            RecordType::Company => Some(&self.companies_url),
+            RecordType::Contact => self.contacts_url.as_ref(),
+        }
+    }
+}
+
+/// A URL shown as scheme, host and port only: paths and queries of webhook URLs often
+/// carry tokens.
+pub fn redact_url(url: &Url) -> String {
+    let host = match url.host() {
+        Some(url::Host::Ipv6(ip)) => format!("[{ip}]"),
+        Some(host) => host.to_string(),
+        None => String::new(),
+    };
+    match url.port_or_known_default() {
+        Some(port) => format!("{}://{host}:{port}", url.scheme()),
+        None => format!("{}://{host}", url.scheme()),
+    }
+}
+
+/// The name of a retry tier: the delay in the largest unit that divides it exactly.
+pub fn delay_name(delay: Duration) -> String {
+    let ms = delay.as_millis();
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
+        if ms.is_multiple_of(size) {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
+}
+
+/// Parsing with a fixed environment, for the tests of every file of this module.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    use super::{ConfigError, Settings};
+
+    /// The smallest valid file; its broker password and URL token must never print.
+    pub const MINIMAL: &str = r#"
+        [broker]
+        url = "amqp://guest:secretpw@127.0.0.1:5672/%2f"
+        [[account]]
+        id = "acme"
+        companies_url = "https://hooks.example.com/c?token=abc"
+    "#;
+
+    /// Parses `text` as `test.toml` with exactly the variables `vars`.
+    pub fn parse_with(text: &str, vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        super::parse(Path::new("test.toml"), text, &|name| {
+            vars.get(name).cloned()
+        })
+    }
+
+    /// The error refusing `text`.
+    pub fn error_of(text: &str) -> ConfigError {
+        parse_with(text, &[]).expect_err("config should be refused")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{MINIMAL, parse_with};
+    use super::*;
+
+    /// `MINIMAL` with `line` added to `[broker]`, `[admin]`, … as `section` says.
+    fn with(section: &str, line: &str) -> Settings {
+        let text = match section {
+            "top" => format!("{line}\n{MINIMAL}"),
+            "account" => format!("{MINIMAL}\n{line}\n"),
+            "broker" => MINIMAL.replace("[broker]", &format!("[broker]\n{line}")),
+            other => format!("[{other}]\n{line}\n{MINIMAL}"),
+        };
+        parse_with(&text, &[]).unwrap_or_else(|e| panic!("{section} {line}: {e}"))
+    }
+
+    #[test]
+    fn restart_only_sections_are_refused_on_reload() {
+        let old = parse_with(MINIMAL, &[]).unwrap();
+        let changes = [
+            ("broker", "exchange = \"other\"", "[broker]"),
+            ("broker", "queue_prefix = \"other\"", "[broker]"),
+            ("broker", "prefetch = 999", "[broker]"),
+            ("broker", "shards = 5", "[broker]"),
+            ("broker", "max_event_bytes = 1000", "[broker]"),
+            ("broker", "delivery_limit = 11", "[broker]"),
+            ("admin", "listen = \"127.0.0.1:9465\"", "[admin]"),
+            ("log", "level = \"debug\"", "[log]"),
+            ("log", "format = \"json\"", "[log]"),
+        ];
+        for (section, line, refused) in changes {
+            let new = with(section, line);
+            assert_eq!(restart_only_change(&old, &new), Some(refused), "{line}");
+        }
+        // The whole URL counts, its password too.
+        let url = MINIMAL.replace("secretpw", "newpw");
+        let new = parse_with(&url, &[]).unwrap();
+        assert_eq!(restart_only_change(&old, &new), Some("[broker]"));
+    }
+
+    #[test]
+    fn reloadable_sections_are_accepted_on_reload() {
+        let old = parse_with(MINIMAL, &[]).unwrap();
+        let changes = [
+            ("top", "shutdown_timeout = \"5s\""),
+            ("delivery", "timeout = \"3s\""),
+            ("delivery", "max_concurrency = 8"),
+            ("delivery", "allow_private_networks = true"),
+            ("delivery", "ordering = \"none\""),
+            ("retry", "schedule = [\"1m\"]"),
+            ("retry", "max_age = \"1h\""),
+            ("circuit", "failure_threshold = 2"),
+            ("circuit", "cooldown = \"1s\""),
+            ("account", "batch_size = 50"),
+            ("account", "hmac_secret = \"s\""),
+        ];
+        for (section, line) in changes {
+            let new = with(section, line);
+            assert_eq!(restart_only_change(&old, &new), None, "{line}");
+        }
+        assert_eq!(restart_only_change(&old, &old.clone()), None);
+    }
+
+    #[test]
+    fn retry_queue_names_use_the_largest_exact_unit() {
+        let cases = [
+            ("30s", "30s"),
+            ("90s", "90s"),
+            ("60s", "1m"),
+            ("2h", "2h"),
+            ("1500ms", "1500ms"),
+            ("48h", "2d"),
+        ];
+        for (raw, name) in cases {
+            assert_eq!(delay_name(humantime::parse_duration(raw).unwrap()), name);
+        }
+    }
+
+    #[test]
+    fn redacted_urls_keep_scheme_host_and_port() {
+        let url = Url::parse("https://user:pw@hooks.example.com/path/token?key=1").unwrap();
+        assert_eq!(redact_url(&url), "https://hooks.example.com:443");
+        let url = Url::parse("http://[::1]:8080/x").unwrap();
+        assert_eq!(redact_url(&url), "http://[::1]:8080");
+    }
+}
