@@ -29,11 +29,11 @@ run: ensure-rabbitmq build
 
 test: ensure-rabbitmq
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-		echo "+ $(CARGO) nextest run --no-fail-fast --test-threads $(TEST_THREADS)"; \
-		$(CARGO) nextest run --no-fail-fast --test-threads $(TEST_THREADS); \
+		echo "+ $(CARGO) nextest run --workspace --no-fail-fast --test-threads $(TEST_THREADS)"; \
+		$(CARGO) nextest run --workspace --no-fail-fast --test-threads $(TEST_THREADS); \
 	else \
-		echo "+ $(CARGO) test --no-fail-fast -- --test-threads $(TEST_THREADS)"; \
-		$(CARGO) test --no-fail-fast -- --test-threads $(TEST_THREADS); \
+		echo "+ $(CARGO) test --workspace --no-fail-fast -- --test-threads $(TEST_THREADS)"; \
+		$(CARGO) test --workspace --no-fail-fast -- --test-threads $(TEST_THREADS); \
 	fi
 
 bench: ensure-rabbitmq
@@ -46,7 +46,7 @@ fmt:
 	$(CARGO) fmt --all -- --check
 
 clippy:
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 clean:
 	$(CARGO) clean

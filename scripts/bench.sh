@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# courier's benchmark (issue 4, docs/performance.md): how close courier gets to the
+# courier's benchmark (docs/performance.md): how close courier gets to the
 # broker's and the HTTP stack's own limits, on this machine, in one run.
 #
 # Scenarios, each run BENCH_RUNS times, interleaved so that the ratios compare figures
@@ -16,6 +16,9 @@
 #   small        6.  courier, batch 200, 10k backlog: CPU and peak RSS
 # Every courier run gets its own queue prefix and exchange (deleted afterwards), its own
 # admin port and receiver port, and a generated config in target/bench/.
+#
+# The load tools are tools/courier-bench, a workspace member apart from the shipped crate,
+# built into the same target/release.
 #
 # Output: a table (median, min–max, spread, ratios per run) on stdout and in
 # target/bench/results.md; target/bench/results.json holds it with every raw run.
@@ -149,11 +152,11 @@ forget_config() {
 # --- preflight -----------------------------------------------------------------
 bash scripts/ensure-rabbitmq.sh
 if [ "$BUILD" = 1 ]; then
-    say "cargo build --release"
-    cargo build --release --bins
+    say "cargo build --release -p courier -p courier-bench"
+    cargo build --release -p courier -p courier-bench
 fi
 [ -x "$COURIER" ] || die "$COURIER not found (cargo build --release)"
-[ -x "$BENCH" ] || die "$BENCH not found (cargo build --release)"
+[ -x "$BENCH" ] || die "$BENCH not found (cargo build --release -p courier-bench)"
 mkdir -p "$OUT"
 : >"$RESULTS"
 
