@@ -8,9 +8,9 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use super::error::ConfigError;
 use super::validate::Validator;
 
-/// The headers courier sets on every webhook request, lower case: src/deliver.rs sets
+/// The headers courier sets on every webhook request, lower case: src/http/mod.rs sets
 /// `content-type`, `user-agent` and the `x-courier-*` ones, the HTTP client
-/// `content-length`, `host` and `transfer-encoding`. A header src/deliver.rs starts to set
+/// `content-length`, `host` and `transfer-encoding`. A header src/http/mod.rs starts to set
 /// belongs in this list, so that no account can set it too.
 pub const COURIER_REQUEST_HEADERS: &[&str] = &[
     "content-type",
@@ -18,9 +18,9 @@ pub const COURIER_REQUEST_HEADERS: &[&str] = &[
     "content-length",
     "host",
     "transfer-encoding",
-    "x-courier-delivery-id",
-    "x-courier-attempt",
-    "x-courier-event-count",
+    crate::http::DELIVERY_ID_HEADER,
+    crate::http::ATTEMPT_HEADER,
+    crate::http::EVENT_COUNT_HEADER,
 ];
 
 /// Every header whose name starts with this is courier's, also those a later release

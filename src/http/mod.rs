@@ -108,6 +108,13 @@ pub struct Sender {
     allow_private_networks: bool,
 }
 
+/// The id of a batch's set of events, the same on every attempt.
+pub const DELIVERY_ID_HEADER: &str = "x-courier-delivery-id";
+/// 1 on a batch's first attempt, counting up.
+pub const ATTEMPT_HEADER: &str = "x-courier-attempt";
+/// The number of events in the body.
+pub const EVENT_COUNT_HEADER: &str = "x-courier-event-count";
+
 static AGENT: &str = concat!("courier/", env!("CARGO_PKG_VERSION"));
 
 impl Sender {
@@ -149,9 +156,9 @@ impl Sender {
             .headers(req.account.headers.clone())
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .header(USER_AGENT, HeaderValue::from_static(AGENT))
-            .header("x-courier-delivery-id", req.delivery_id)
-            .header("x-courier-attempt", req.attempt)
-            .header("x-courier-event-count", req.event_count);
+            .header(DELIVERY_ID_HEADER, req.delivery_id)
+            .header(ATTEMPT_HEADER, req.attempt)
+            .header(EVENT_COUNT_HEADER, req.event_count);
         if let Some(signature) = req.signature {
             builder = builder.header(&req.account.signature_header, signature);
         }
