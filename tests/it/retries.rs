@@ -340,7 +340,7 @@ async fn the_circuit_opens_parks_events_and_closes_on_a_good_probe() {
         ..Default::default()
     };
     let worker = TestWorker::spawn(settings(&names, &spec)).await;
-    let bodies: Vec<Vec<u8>> = (0..10)
+    let mut bodies: Vec<Vec<u8>> = (0..10)
         .map(|i| event(&format!("c{i}"), "acme", "company"))
         .collect();
     broker.publish(&bodies).await;
@@ -349,12 +349,17 @@ async fn the_circuit_opens_parks_events_and_closes_on_a_good_probe() {
         eventually(Duration::from_secs(10), open).await,
         "the circuit never opened"
     );
-    // While open: at most one probe per cooldown (each failed probe opens it for 1.5 s
-    // again), the rest parked in the tiers.
+    // While open, with a fresh event every 100 ms: at most one probe per cooldown (each
+    // failed probe opens it for 1.5 s again), the rest parked in the tiers.
     // Requests sent before it opened may still arrive just after.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let opened = receiver.requests().len();
-    tokio::time::sleep(Duration::from_millis(3000)).await;
+    for i in 0..30 {
+        let fresh = event(&format!("w{i}"), "acme", "company");
+        broker.publish(std::slice::from_ref(&fresh)).await;
+        bodies.push(fresh);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let probes: Vec<_> = receiver.requests()[opened..].iter().map(|r| r.at).collect();
     for pair in probes.windows(2) {
         let gap = pair[1] - pair[0];
@@ -364,12 +369,15 @@ async fn the_circuit_opens_parks_events_and_closes_on_a_good_probe() {
             probes.len()
         );
     }
-    assert!(worker.metric("courier_events_retried_total", &[("stage", "scheduled")]) >= 10.0);
+    // Every event was parked at least once: refused while open, or a failed probe.
+    assert!(worker.metric("courier_events_retried_total", &[("stage", "scheduled")]) >= 40.0);
     // It recovers: a probe succeeds, the circuit closes, everything arrives.
     receiver.set_status(200);
     assert_eq!(
-        receiver.wait_for_events(10, Duration::from_secs(30)).await,
-        10
+        receiver
+            .wait_for_distinct(40, Duration::from_secs(30))
+            .await,
+        40
     );
     assert!(
         eventually(Duration::from_secs(5), || worker
