@@ -377,35 +377,98 @@ async fn sigint_flushes_open_batches_and_exits_0() {
     assert_eq!(ready(&broker, &names.deliver()).await, Some(0), "all acked");
 }
 
+/// A worker whose one destination has just opened its circuit (the receiver answering
+/// 500, threshold 2, cooldown 500 ms) with nothing in flight: its next request is a probe.
+struct OpenCircuit {
+    receiver: Receiver,
+    broker: Broker,
+    worker: TestWorker,
+    early: Vec<Vec<u8>>,
+}
+
+impl OpenCircuit {
+    async fn start() -> Self {
+        let receiver = Receiver::start().await;
+        receiver.set_status(500);
+        let names = Names::new();
+        let schedule = ["200ms", "400ms", "600ms", "800ms", "1s", "2s", "3s", "5s"];
+        let broker = Broker::connect(&names, &schedule).await;
+        let spec = ConfigSpec {
+            delivery: "timeout = \"10s\"".into(),
+            retry: format!("immediate_attempts = 1\nschedule = {schedule:?}"),
+            top: "[circuit]\nfailure_threshold = 2\ncooldown = \"500ms\"\nmax_cooldown = \"500ms\""
+                .into(),
+            accounts: account("acme", &receiver.url("/hook"), 1),
+            ..Default::default()
+        };
+        let worker = TestWorker::spawn(settings(&names, &spec)).await;
+        let early = bodies("early", "acme", "company", 4);
+        broker.publish(&early).await;
+        let open = || worker.metric("courier_circuit_open", &[("account", "acme")]) == 1.0;
+        assert!(
+            eventually(Duration::from_secs(10), open).await,
+            "the circuit never opened"
+        );
+        // Requests sent before it opened are answered: from now on only probes go out.
+        let idle = || worker.metric("courier_inflight_requests", &[]) == 0.0;
+        assert!(eventually(Duration::from_secs(10), idle).await);
+        Self {
+            receiver,
+            broker,
+            worker,
+            early,
+        }
+    }
+
+    /// With the receiver answering 200: later batches are sent and delivered, the circuit
+    /// closes, and nothing is lost (every event delivered or dead-lettered).
+    async fn recovers(self, refused: &str) {
+        let Self {
+            receiver,
+            broker,
+            worker,
+            early,
+        } = self;
+        let later = bodies("late", "acme", "company", 3);
+        broker.publish(&later).await;
+        let arrived = || ids(&later).is_subset(&receiver.delivered_ids().into_iter().collect());
+        assert!(
+            eventually(Duration::from_secs(15), arrived).await,
+            "{refused}"
+        );
+        let closed = || worker.metric("courier_circuit_open", &[("account", "acme")]) == 0.0;
+        assert!(eventually(Duration::from_secs(5), closed).await);
+        let all: HashSet<String> = ids(&early).union(&ids(&later)).cloned().collect();
+        let dead = broker.names.dead();
+        let missing = || {
+            let delivered: HashSet<String> = receiver.delivered_ids().into_iter().collect();
+            all.difference(&delivered).count() as u32
+        };
+        assert!(
+            eventually_async(Duration::from_secs(20), || async {
+                ready(&broker, &dead).await.unwrap_or(0) >= missing()
+            })
+            .await,
+            "events neither delivered nor dead-lettered"
+        );
+        worker.shutdown().await;
+        let mut accounted: HashSet<String> = receiver.delivered_ids().into_iter().collect();
+        accounted.extend(take_ids(&broker, &dead, 0).await);
+        assert!(
+            accounted.is_superset(&all),
+            "lost {:?}",
+            all.difference(&accounted)
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_rejected_probe_does_not_refuse_the_destination_for_ever() {
-    let receiver = Receiver::start().await;
-    receiver.set_status(500);
-    let names = Names::new();
-    let schedule = ["200ms", "400ms", "600ms", "800ms", "1s", "2s", "3s", "5s"];
-    let broker = Broker::connect(&names, &schedule).await;
-    let spec = ConfigSpec {
-        retry: format!("immediate_attempts = 1\nschedule = {schedule:?}"),
-        top: "[circuit]\nfailure_threshold = 2\ncooldown = \"500ms\"\nmax_cooldown = \"500ms\""
-            .into(),
-        accounts: account("acme", &receiver.url("/hook"), 1),
-        ..Default::default()
-    };
-    let worker = TestWorker::spawn(settings(&names, &spec)).await;
-    let first = bodies("early", "acme", "company", 4);
-    broker.publish(&first).await;
-    let open = || worker.metric("courier_circuit_open", &[("account", "acme")]) == 1.0;
-    assert!(
-        eventually(Duration::from_secs(10), open).await,
-        "the circuit never opened"
-    );
-    // Nothing in flight while open: the next request is a probe. It is rejected.
-    let idle = || worker.metric("courier_inflight_requests", &[]) == 0.0;
-    assert!(eventually(Duration::from_secs(10), idle).await);
-    receiver.script(&[400]);
-    receiver.set_status(200);
+    let circuit = OpenCircuit::start().await;
+    circuit.receiver.script(&[400]);
+    circuit.receiver.set_status(200);
     let rejected = || {
-        worker.metric(
+        circuit.worker.metric(
             "courier_events_dead_lettered_total",
             &[("reason", "rejected_400")],
         ) == 1.0
@@ -414,39 +477,49 @@ async fn a_rejected_probe_does_not_refuse_the_destination_for_ever() {
         eventually(Duration::from_secs(10), rejected).await,
         "no probe was rejected"
     );
-    // The receiver has recovered: later batches are sent and delivered.
-    let later = bodies("late", "acme", "company", 3);
-    broker.publish(&later).await;
-    let arrived = || ids(&later).is_subset(&receiver.delivered_ids().into_iter().collect());
-    assert!(
-        eventually(Duration::from_secs(15), arrived).await,
-        "the destination stays refused after a rejected probe"
-    );
-    let closed = || worker.metric("courier_circuit_open", &[("account", "acme")]) == 0.0;
-    assert!(eventually(Duration::from_secs(5), closed).await);
-    let statuses: Vec<u16> = receiver.requests().iter().map(|r| r.status).collect();
+    let statuses: Vec<u16> = circuit
+        .receiver
+        .requests()
+        .iter()
+        .map(|r| r.status)
+        .collect();
     assert_eq!(
         statuses.iter().filter(|s| **s == 400).count(),
         1,
         "{statuses:?}"
     );
-    // Nothing lost: every event delivered, or dead-lettered (the rejected probe's).
-    let all: HashSet<String> = ids(&first).union(&ids(&later)).cloned().collect();
-    let dead = || worker.metric("courier_events_dead_lettered_total", &[]) as u32;
-    let settled = || {
-        let delivered: HashSet<String> = receiver.delivered_ids().into_iter().collect();
-        all.intersection(&delivered).count() + dead() as usize >= all.len()
-    };
-    assert!(eventually(Duration::from_secs(20), settled).await);
-    let dead = dead();
-    worker.shutdown().await;
-    let mut accounted: HashSet<String> = receiver.delivered_ids().into_iter().collect();
-    accounted.extend(take_ids(&broker, &names.dead(), dead).await);
+    circuit
+        .recovers("the destination stays refused after a rejected probe")
+        .await;
+}
+
+#[tokio::test]
+async fn a_probe_cut_off_by_a_lost_session_does_not_refuse_the_destination_for_ever() {
+    let circuit = OpenCircuit::start().await;
+    // The probe is held at the receiver when the session is lost.
+    circuit.receiver.set_delay(Duration::from_secs(3));
+    circuit.receiver.set_status(200);
+    let held = || circuit.receiver.requests().iter().any(|r| !r.answered);
     assert!(
-        accounted.is_superset(&all),
-        "lost {:?}",
-        all.difference(&accounted)
+        eventually(Duration::from_secs(10), held).await,
+        "no probe went out"
     );
+    let name = format!("courier consume {}", circuit.broker.names.prefix);
+    assert_eq!(close_named(None, &name).await.len(), 1, "no {name}");
+    circuit.receiver.set_delay(Duration::ZERO);
+    let reconnected = || {
+        circuit
+            .worker
+            .metric("courier_broker_reconnects_total", &[])
+            >= 1.0
+    };
+    assert!(
+        eventually(Duration::from_secs(20), reconnected).await,
+        "no reconnect"
+    );
+    circuit
+        .recovers("the destination stays refused after its probe's session was lost")
+        .await;
 }
 
 /// A receiver that answers every request with a redirect to `location`; counts them.
