@@ -341,8 +341,9 @@ async fn the_circuit_opens_parks_events_and_closes_on_a_good_probe() {
     );
     // While open, with a fresh event every 100 ms: at most one probe per cooldown (each
     // failed probe opens it for 1.5 s again), the rest parked in the tiers.
-    // Requests sent before it opened may still arrive just after.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Requests let through before it opened may still arrive just after; the first probe
+    // comes 1.5 s after the opening.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     let opened = receiver.requests().len();
     for i in 0..30 {
         let fresh = event(&format!("w{i}"), "acme", "company");

@@ -195,3 +195,12 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[test]
+fn the_admin_port_is_read_from_text_and_json_logs() {
+    let text = "2026-12-01T00:00:00.000000Z  INFO courier::pipeline: admin endpoints up listen=127.0.0.1:41234\n";
+    let json = r#"{"timestamp":"2026-12-01T00:00:00Z","level":"INFO","message":"admin endpoints up","listen":"127.0.0.1:41235","target":"courier::pipeline"}"#;
+    assert_eq!(admin_port_in_log(text), Some(41234));
+    assert_eq!(admin_port_in_log(json), Some(41235));
+    assert_eq!(admin_port_in_log("INFO consuming queue=x\n"), None);
+}
