@@ -2,7 +2,7 @@
 //! stopped), and `rabbitmqctl` inspection of any node: connections by name, unacked counts.
 
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use super::{eventually_async, free_port, suffix};
@@ -55,16 +55,37 @@ impl PrivateNode {
                 node.dir.join("enabled_plugins"),
             )
             .env("RABBITMQ_CONFIG_FILE", node.dir.join("rabbitmq.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .status()
             .await
             .expect("rabbitmq-server");
         assert!(started.success(), "rabbitmq-server -detached failed");
+        node.stop_when_the_test_process_ends();
         let pid = node.dir.join("pid");
         let waited = node
             .ctl(&["wait", pid.to_str().unwrap(), "--timeout", "60"])
             .await;
         assert!(waited, "private node {} did not start", node.name);
         node
+    }
+
+    /// A watchdog in a session of its own stops the node once this process is gone, for
+    /// when the test is killed before `Drop` can run (a timeout in the test runner).
+    fn stop_when_the_test_process_ends(&self) {
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; rabbitmqctl -n {name} stop; rm -rf {dir}",
+            pid = std::process::id(),
+            name = self.name,
+            dir = self.dir.display(),
+        );
+        Command::new("setsid")
+            .args(["sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("setsid");
     }
 
     /// `amqp://guest:guest@127.0.0.1:PORT/%2f`.
@@ -82,8 +103,8 @@ impl PrivateNode {
         tokio::process::Command::new("rabbitmqctl")
             .args(["-n", &self.name])
             .args(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .status()
             .await
             .map(|s| s.success())
@@ -96,8 +117,8 @@ impl Drop for PrivateNode {
         // Stopping a stopped node fails quietly.
         let _ = Command::new("rabbitmqctl")
             .args(["-n", &self.name, "stop"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
