@@ -79,13 +79,14 @@ impl PrivateNode {
             name = self.name,
             dir = self.dir.display(),
         );
-        Command::new("setsid")
-            .args(["sh", "-c", &script])
+        let watchdog = Command::new("setsid")
+            .args(["--fork", "sh", "-c", &script])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .spawn()
+            .status()
             .expect("setsid");
+        assert!(watchdog.success(), "no watchdog for {}", self.name);
     }
 
     /// `amqp://guest:guest@127.0.0.1:PORT/%2f`.
