@@ -27,13 +27,18 @@ build:
 run: ensure-rabbitmq build
 	@bash scripts/run-local.sh
 
+# nextest stops any one test after 2 min (.config/nextest.toml). cargo test has no
+# per-test limit: the whole run, built first, gets TEST_TIMEOUT seconds.
+TEST_TIMEOUT ?= 900
+
 test: ensure-rabbitmq
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		echo "+ $(CARGO) nextest run --workspace --no-fail-fast --test-threads $(TEST_THREADS)"; \
 		$(CARGO) nextest run --workspace --no-fail-fast --test-threads $(TEST_THREADS); \
 	else \
-		echo "+ $(CARGO) test --workspace --no-fail-fast -- --test-threads $(TEST_THREADS)"; \
-		$(CARGO) test --workspace --no-fail-fast -- --test-threads $(TEST_THREADS); \
+		$(CARGO) test --workspace --no-run && \
+		echo "+ timeout $(TEST_TIMEOUT) $(CARGO) test --workspace --no-fail-fast -- --test-threads $(TEST_THREADS)" && \
+		timeout --kill-after=30 $(TEST_TIMEOUT) $(CARGO) test --workspace --no-fail-fast -- --test-threads $(TEST_THREADS); \
 	fi
 
 bench: ensure-rabbitmq

@@ -2,7 +2,7 @@
 //! guard, `publish` and `receive`.
 
 use std::collections::HashSet;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use lapin::options::QueueDeclareOptions;
@@ -196,19 +196,16 @@ async fn sigterm_delivers_buffered_events_then_exits_0() {
         ),
         ..Default::default()
     };
-    let (text, port) = config_with_admin(&names, &spec);
     let path = write_config(
-        &format!("{text}\n").replace("[admin]", "[log]\nlevel = \"trace\"\n\n[admin]"),
+        &format!("{}\n", config_text(&names, &spec))
+            .replace("[admin]", "[log]\nlevel = \"trace\"\n\n[admin]"),
     );
     let log = path.with_file_name("courier.log");
-    let mut child = Proc(
-        courier(&["run", "--config", path.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    assert!(wait_ready(port).await, "never ready");
+    let Running {
+        proc: mut child,
+        admin: port,
+        ..
+    } = start_courier(&path, &log).await;
     assert_eq!(http_get(port, "/healthz").await.0, 200);
     let bodies: Vec<Vec<u8>> = (0..25)
         .map(|i| event(&format!("t{i}"), "acme", "company"))
@@ -237,7 +234,7 @@ async fn sigterm_delivers_buffered_events_then_exits_0() {
     );
     let ids: HashSet<_> = receiver.delivered_ids().into_iter().collect();
     assert_eq!(ids.len(), 25, "buffered events delivered before exit");
-    assert_eq!(broker.depth(&names.deliver()).await, 0);
+    assert_eq!(broker.settled_depth(&names.deliver()).await, 0);
     // Even at trace level, no secret or broker password reaches the log.
     let logged = std::fs::read_to_string(&log).unwrap();
     assert!(logged.contains("consuming"), "{logged}");
@@ -288,23 +285,21 @@ async fn the_private_network_guard_refuses_loopback_in_every_spelling() {
             accounts,
             ..Default::default()
         };
-        let (text, admin) = config_with_admin(&names, &spec);
-        let text = text.replace(
+        let text = config_text(&names, &spec).replace(
             "allow_private_networks = true",
             &format!("allow_private_networks = {}", !guard_on),
         );
         let path = write_config(&text);
-        let mut child = Proc(
+        let Running {
+            proc: mut child, ..
+        } = start_run(
             courier(&["run", "--config", path.to_str().unwrap()])
                 .env("HTTP_PROXY", format!("http://127.0.0.1:{proxy_port}"))
                 .env("http_proxy", format!("http://127.0.0.1:{proxy_port}"))
-                .env("ALL_PROXY", format!("http://127.0.0.1:{proxy_port}"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        assert!(wait_ready(admin).await);
+                .env("ALL_PROXY", format!("http://127.0.0.1:{proxy_port}")),
+            &path.with_file_name("courier.log"),
+        )
+        .await;
         let bodies: Vec<Vec<u8>> = urls
             .iter()
             .map(|(id, _)| event(&format!("g-{id}"), id, "company"))
@@ -410,29 +405,25 @@ async fn publish_validates_the_whole_file_first() {
 
 #[tokio::test]
 async fn receive_verifies_signatures() {
-    let port = free_port();
     let mut child = Proc(
-        courier(&[
-            "receive",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--secret",
-            "abc",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap(),
+        courier(&["receive", "--listen", "127.0.0.1:0", "--secret", "abc"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
     );
+    // The first line names the address it bound.
+    let mut stdout = std::io::BufReader::new(child.0.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+    let addr = first
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {first:?}"));
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let body = br#"[{"id":"1"},{"id":"2"}]"#;
-    let url = format!("http://127.0.0.1:{port}/any/path");
-    assert!(
-        eventually_async(Duration::from_secs(10), || async {
-            client.post(&url).send().await.is_ok()
-        })
-        .await
-    );
+    let url = format!("http://{addr}/any/path");
     let good = client
         .post(&url)
         .header(
@@ -453,7 +444,9 @@ async fn receive_verifies_signatures() {
         .unwrap();
     assert_eq!(bad.status().as_u16(), 401);
     sigterm(&child.0);
-    let out = child.0.wait_with_output_ref();
+    let _ = child.0.wait();
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut out).unwrap();
     assert!(
         out.contains("POST /any/path 200 events=2") && out.contains("sig=ok"),
         "{out}"
@@ -461,26 +454,10 @@ async fn receive_verifies_signatures() {
     assert!(out.contains("401") && out.contains("sig=bad"), "{out}");
 }
 
-trait WaitOutput {
-    fn wait_with_output_ref(&mut self) -> String;
-}
-
-impl WaitOutput for Child {
-    fn wait_with_output_ref(&mut self) -> String {
-        use std::io::Read;
-        let _ = self.wait();
-        let mut out = String::new();
-        if let Some(stdout) = self.stdout.as_mut() {
-            let _ = stdout.read_to_string(&mut out);
-        }
-        out
-    }
-}
-
 #[tokio::test]
 async fn kill_9_mid_delivery_loses_nothing() {
     let receiver = Receiver::start().await;
-    receiver.set_delay(Duration::from_millis(100));
+    receiver.set_delay(Duration::from_millis(300));
     let names = Names::new();
     let broker = Broker::connect(&names, &["30s"]).await;
     let spec = ConfigSpec {
@@ -491,45 +468,71 @@ async fn kill_9_mid_delivery_loses_nothing() {
         delivery: "max_inflight_per_destination = 2".into(),
         ..Default::default()
     };
-    let (text, admin) = config_with_admin(&names, &spec);
-    let path = write_config(&text);
-    let start = || {
-        Proc(
-            courier(&["run", "--config", path.to_str().unwrap()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    };
-    let mut first = start();
-    assert!(wait_ready(admin).await);
+    let path = write_config(&config_text(&names, &spec));
+    let mut first = start_courier(&path, &path.with_file_name("first.log")).await;
     let bodies: Vec<Vec<u8>> = (0..400)
         .map(|i| event(&format!("k{i}"), "acme", "company"))
         .collect();
     broker.publish(&bodies).await;
     receiver.wait_for_events(60, Duration::from_secs(20)).await;
-    first.0.kill().unwrap(); // SIGKILL: no flush, no goodbye
-    let _ = first.0.wait();
-    let before = receiver.delivered_ids().len();
+    // Kill while requests wait for their answer: those events were sent but not acked.
+    receiver.hold();
     assert!(
-        before < 400,
-        "the kill came too late to test anything ({before} delivered)"
+        eventually(Duration::from_secs(10), || !receiver.in_flight().is_empty()).await,
+        "nothing in flight to kill"
+    );
+    first.proc.0.kill().unwrap(); // SIGKILL: no flush, no goodbye
+    let _ = first.proc.0.wait();
+    let in_flight: HashSet<String> = receiver
+        .in_flight()
+        .iter()
+        .flat_map(Recorded::ids)
+        .collect();
+    let before: HashSet<String> = receiver.delivered_ids().into_iter().collect();
+    assert!(!in_flight.is_empty(), "nothing was in flight at the kill");
+    assert!(
+        before.len() < 400,
+        "the kill came too late to test anything ({} delivered)",
+        before.len()
     );
     receiver.set_delay(Duration::ZERO);
-    let mut second = start();
+    let restarted = std::time::Instant::now();
+    receiver.release();
+    let mut second = start_courier(&path, &path.with_file_name("second.log")).await;
     let all: HashSet<String> = bodies.iter().map(|b| event_id(b)).collect();
-    let delivered = || receiver.delivered_ids().into_iter().collect::<HashSet<_>>();
+    // What the receiver accepted before the kill, and what the second run delivers.
+    let delivered = || {
+        let mut ids = before.clone();
+        ids.extend(
+            receiver
+                .accepted()
+                .iter()
+                .filter(|r| r.at >= restarted)
+                .flat_map(Recorded::ids),
+        );
+        ids
+    };
     assert!(
         eventually(Duration::from_secs(30), || delivered().is_superset(&all)).await,
-        "lost {} events",
-        all.difference(&delivered()).count()
+        "lost {:?}",
+        all.difference(&delivered()).collect::<Vec<_>>()
     );
-    sigterm(&second.0);
+    let again: HashSet<String> = receiver
+        .accepted()
+        .iter()
+        .filter(|r| r.at >= restarted)
+        .flat_map(Recorded::ids)
+        .collect();
+    assert!(
+        again.is_superset(&in_flight),
+        "events in flight at the kill not delivered again: {:?}",
+        in_flight.difference(&again).collect::<Vec<_>>()
+    );
+    sigterm(&second.proc.0);
     assert_eq!(
-        wait_exit(&mut second.0, Duration::from_secs(20)).await,
+        wait_exit(&mut second.proc.0, Duration::from_secs(20)).await,
         Some(0)
     );
-    assert_eq!(broker.depth(&names.deliver()).await, 0);
+    assert_eq!(broker.settled_depth(&names.deliver()).await, 0);
     assert_eq!(broker.depth(&names.dead()).await, 0);
 }

@@ -63,7 +63,7 @@ async fn a_receiver_that_always_fails_leaves_everything_in_the_dead_letter_queue
     let names = Names::new();
     let broker = Broker::connect(&names, &["200ms"]).await;
     let spec = ConfigSpec {
-        retry: "schedule = [\"200ms\"]".into(),
+        retry: "immediate_attempts = 3\nschedule = [\"200ms\"]".into(),
         // This test is about exhausting the schedule, not about the circuit.
         top: "[circuit]\nfailure_threshold = 1000".into(),
         ..one_account(&receiver, 3)
@@ -89,10 +89,31 @@ async fn a_receiver_that_always_fails_leaves_everything_in_the_dead_letter_queue
     let retried = worker.metric("courier_events_retried_total", &[("stage", "scheduled")]);
     assert_eq!(retried, 7.0, "each event went through the one tier");
     worker.shutdown().await;
-    assert!(
-        receiver.requests().len() >= 6,
-        "immediate attempts, then again after the tier"
-    );
+    // However the events were batched: every batch was tried 3 times, once before the
+    // tier and once after it, so each event was sent exactly 6 times.
+    let requests = receiver.requests();
+    let mut attempts: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for r in &requests {
+        attempts
+            .entry(r.header("x-courier-delivery-id").unwrap().to_owned())
+            .or_default()
+            .push(r.header("x-courier-attempt").unwrap().to_owned());
+    }
+    for (id, seen) in &attempts {
+        // A delivery id may come back from the tier with its batch; each round is 1, 2, 3.
+        assert!(
+            seen.len() % 3 == 0 && seen.chunks(3).all(|round| round == ["1", "2", "3"]),
+            "attempts of delivery {id}: {seen:?}"
+        );
+    }
+    for body in &bodies {
+        let id = event_id(body);
+        let sent = requests.iter().filter(|r| r.ids().contains(&id)).count();
+        assert_eq!(
+            sent, 6,
+            "event {id}: 3 immediate attempts, before and after the tier"
+        );
+    }
     let dead = broker.drain(&names.dead()).await;
     let mut seen = HashSet::new();
     for (body, headers) in &dead {
@@ -144,7 +165,7 @@ async fn a_receiver_that_always_fails_leaves_everything_in_the_dead_letter_queue
         }
     }
     assert_eq!(seen.len(), 7, "published = dead-lettered");
-    assert_eq!(broker.depth(&names.deliver()).await, 0);
+    assert_eq!(broker.settled_depth(&names.deliver()).await, 0);
 }
 
 #[tokio::test]
@@ -225,7 +246,7 @@ async fn bad_events_are_dead_lettered_with_their_reason_and_good_ones_flow_on() 
     };
     assert!(eventually(Duration::from_secs(5), counted).await);
     worker.shutdown().await;
-    assert_eq!(broker.depth(&names.deliver()).await, 0);
+    assert_eq!(broker.settled_depth(&names.deliver()).await, 0);
 }
 
 #[tokio::test]
@@ -274,7 +295,11 @@ async fn a_rejected_record_is_isolated_and_the_rest_delivered() {
     let delivered: HashSet<_> = receiver.delivered_ids().into_iter().collect();
     assert_eq!(delivered.len(), 9);
     assert!(!delivered.contains("poison"));
-    assert!(worker.metric("courier_batch_splits_total", &[]) >= 2.0);
+    // 10 → 5 + 5 (poison at index 6 in the second), 5 → 2 + 3, 2 → 1 + 1: three splits
+    // of two halves each, and the 7 requests they make (the 400 for the single poison
+    // dead-letters it).
+    assert_eq!(worker.metric("courier_batch_splits_total", &[]), 6.0);
+    assert_eq!(receiver.requests().len(), 7);
     for request in receiver.requests() {
         assert_eq!(
             request.body[0], b'[',
@@ -285,56 +310,100 @@ async fn a_rejected_record_is_isolated_and_the_rest_delivered() {
 }
 
 #[tokio::test]
-async fn a_dropped_broker_connection_loses_nothing() {
+async fn dropped_broker_connections_lose_nothing_in_flight() {
     let receiver = Receiver::start().await;
+    receiver.reject_bodies_with("\"id\":\"poison", 400);
+    // Answers wait until both connections are gone: their acks meet a dead channel.
+    receiver.hold();
     let names = Names::new();
     let broker = Broker::connect(&names, &["30s"]).await;
     let spec = ConfigSpec {
+        delivery: "timeout = \"20s\"".into(),
         accounts: format!(
-            "[[account]]\nid = \"acme\"\ncompanies_url = \"{}\"\nbatch_size = 50\nflush_interval = \"200ms\"\n",
+            "[[account]]\nid = \"acme\"\ncompanies_url = \"{}\"\nbatch_size = 10\nflush_interval = \"3s\"\n",
             receiver.url("/hook")
         ),
         ..Default::default()
     };
     let worker = TestWorker::spawn(settings(&names, &spec)).await;
-    let first: Vec<Vec<u8>> = (0..100)
-        .map(|i| event(&format!("a{i}"), "acme", "company"))
-        .collect();
+    let batch = |prefix: &str, n: usize, poison: usize| -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|i| {
+                let id = if i == poison {
+                    format!("poison-{prefix}")
+                } else {
+                    format!("{prefix}{i}")
+                };
+                event(&id, "acme", "company")
+            })
+            .collect()
+    };
+    // Ten full batches go out (one holds a rejected event: after the drop it is split
+    // and dead-lettered through the publish connection); five events stay in an open
+    // batch for 3 s.
+    let first = batch("a", 105, 42);
     broker.publish(&first).await;
-    assert_eq!(
-        receiver.wait_for_events(100, Duration::from_secs(10)).await,
-        100
+    let held = || receiver.in_flight().len() == 10;
+    let open = || worker.metric("courier_buffered_events", &[]) == 5.0;
+    assert!(
+        eventually(Duration::from_secs(10), || held() && open()).await,
+        "{} requests in flight, {} events in open batches",
+        receiver.in_flight().len(),
+        worker.metric("courier_buffered_events", &[])
     );
-    // Close the worker's consuming connection from the broker side.
-    let name = format!("courier consume {}", names.prefix);
-    let closed = close_connections_named(&name);
-    assert!(closed >= 1, "found no connection named {name}");
+    for name in [
+        format!("courier consume {}", names.prefix),
+        format!("courier publish {}", names.prefix),
+    ] {
+        assert_eq!(close_connections_named(&name), 1, "connection {name}");
+    }
+    assert_eq!(
+        receiver.in_flight().len(),
+        10,
+        "requests in flight at the drop"
+    );
     assert!(
         eventually(Duration::from_secs(20), || worker
             .metric("courier_broker_reconnects_total", &[])
             >= 1.0)
-        .await
+        .await,
+        "the consumer never reconnected"
     );
-    let second: Vec<Vec<u8>> = (0..100)
-        .map(|i| event(&format!("b{i}"), "acme", "company"))
-        .collect();
+    receiver.release();
+    let second = batch("b", 50, 17);
     broker.publish(&second).await;
+
+    let published: HashSet<String> = first.iter().chain(&second).map(|b| event_id(b)).collect();
+    let poison: HashSet<String> = ["poison-a", "poison-b"].map(String::from).into();
+    let wanted: HashSet<String> = published.difference(&poison).cloned().collect();
+    let delivered = || receiver.delivered_ids().into_iter().collect::<HashSet<_>>();
     assert!(
-        receiver
-            .wait_for_distinct(200, Duration::from_secs(20))
+        eventually(Duration::from_secs(30), || delivered().is_superset(&wanted)).await,
+        "never delivered: {:?}",
+        wanted.difference(&delivered()).collect::<Vec<_>>()
+    );
+    assert!(
+        broker
+            .wait_for_depth(&names.dead(), 2, Duration::from_secs(20))
             .await
-            >= 200
+            >= 2,
+        "the rejected events were not dead-lettered"
     );
     worker.shutdown().await;
-    let delivered: HashSet<_> = receiver.delivered_ids().into_iter().collect();
-    for body in first.iter().chain(&second) {
-        assert!(
-            delivered.contains(&event_id(body)),
-            "lost {}",
-            event_id(body)
-        );
-    }
-    assert_eq!(broker.depth(&names.deliver()).await, 0);
+    // Redelivered events may arrive (or be dead-lettered) twice; none may be missing.
+    let dead: HashSet<String> = broker.drain_settled_ids(&names.dead()).await;
+    assert_eq!(dead, poison, "dead-lettered");
+    let delivered = delivered();
+    assert!(
+        delivered.is_disjoint(&poison),
+        "a rejected event was accepted"
+    );
+    let accounted: HashSet<String> = delivered.union(&dead).cloned().collect();
+    assert_eq!(
+        accounted, published,
+        "delivered ∪ dead-lettered = published"
+    );
+    assert_eq!(broker.settled_depth(&names.deliver()).await, 0);
 }
 
 /// Closes the broker connections with this client-provided name; returns how many.

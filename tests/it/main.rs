@@ -3,5 +3,6 @@
 mod cli;
 mod failures;
 mod helpers;
+mod paths;
 mod pipeline;
 mod retries;

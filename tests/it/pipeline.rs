@@ -104,7 +104,7 @@ companies_url = "{}"
     }
     assert_eq!(seen.len(), 60);
     assert_eq!(
-        broker.depth(&names.deliver()).await,
+        broker.settled_depth(&names.deliver()).await,
         0,
         "every message acked"
     );
@@ -196,7 +196,7 @@ async fn a_full_prefetch_window_flushes_early() {
     let mut ids: HashSet<String> = receiver.delivered_ids().into_iter().collect();
     ids.extend(
         broker
-            .drain(&names.deliver())
+            .drain_settled(&names.deliver())
             .await
             .iter()
             .map(|(b, _)| event_id(b)),
@@ -281,46 +281,157 @@ headers = {{ Authorization = "Bearer tok-123", X-Tenant = "acme" }}
         .to_owned();
     assert_eq!(signature, format!("sha256={hex}"));
 
-    // The receiver examples of docs/ accept the real output unchanged.
-    let root = env!("CARGO_MANIFEST_DIR");
-    let python = std::process::Command::new("python3")
-        .arg(format!("{root}/docs/examples/verify.py"))
-        .args(["it's a $ecret", body_file.to_str().unwrap(), signature])
-        .output()
-        .expect("python3 runs");
-    assert!(
-        python.status.success(),
-        "verify.py: {}",
-        String::from_utf8_lossy(&python.stdout)
-    );
-    let forged = std::process::Command::new("python3")
-        .arg(format!("{root}/docs/examples/verify.py"))
-        .args(["wrong secret", body_file.to_str().unwrap(), signature])
-        .output()
-        .unwrap();
-    assert!(!forged.status.success(), "verify.py accepts a wrong secret");
-    match std::process::Command::new("node")
-        .arg(format!("{root}/docs/examples/verify.js"))
-        .args(["it's a $ecret", body_file.to_str().unwrap(), signature])
-        .output()
-    {
-        Ok(node) => assert!(
-            node.status.success(),
-            "verify.js: {}",
-            String::from_utf8_lossy(&node.stdout)
-        ),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            eprintln!("node not installed: verify.js not run")
-        }
-        Err(e) => panic!("node: {e}"),
-    }
     let _ = std::fs::remove_dir_all(&dir);
+    // Acked, not merely delivered to the worker: once it has stopped, anything it held
+    // unacked is back in the queue.
+    worker.shutdown().await;
     assert_eq!(
-        broker.depth(&names.deliver()).await,
+        broker.settled_depth(&names.deliver()).await,
         0,
         "skipped contacts were acked"
     );
-    worker.shutdown().await;
+}
+
+/// Runs a receiver example of docs/examples with `interpreter`: exit code, stdout,
+/// stderr. A missing interpreter fails the test in CI (`CI=true`) and wherever it is
+/// `required`, and skips the example elsewhere.
+fn run_example(
+    interpreter: &str,
+    script: &str,
+    args: &[&str],
+    required: bool,
+) -> Option<(i32, String, String)> {
+    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    let path = format!("{}/docs/examples/{script}", env!("CARGO_MANIFEST_DIR"));
+    match std::process::Command::new(interpreter)
+        .arg(&path)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+    {
+        Ok(out) => Some((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !(required || in_ci) => {
+            eprintln!("{interpreter} not installed: {script} not run");
+            None
+        }
+        Err(e) => panic!("{interpreter} {script}: {e}"),
+    }
+}
+
+#[test]
+fn the_receiver_examples_accept_exactly_what_courier_signs() {
+    let dir = temp_dir();
+    let file = |name: &str, bytes: &[u8]| {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let body = r#"[{"id":"e1","account":"acme","record":{"name":"Zürich \u00e9 ✓"}}]"#.as_bytes();
+    let body_file = file("body", body);
+    let tampered_file = file(
+        "tampered",
+        &String::from_utf8_lossy(body)
+            .replace("\"e1\"", "\"e2\"")
+            .into_bytes(),
+    );
+    let secret = "it's a $ecret";
+    let good = courier::sign::signature(secret.as_bytes(), body);
+    // A secret outside ASCII is used as its UTF-8 bytes, not as Latin-1.
+    let non_ascii = "clé über";
+    let non_ascii_good = courier::sign::signature(non_ascii.as_bytes(), body);
+    let latin1: Vec<u8> = non_ascii.chars().map(|c| c as u8).collect();
+    let latin1_sig = courier::sign::signature(&latin1, body);
+    let upper = format!("sha256={}", good["sha256=".len()..].to_uppercase());
+    let body_file = body_file.as_str();
+    let cases: Vec<(&str, Vec<&str>, i32, &str)> = vec![
+        ("correct", vec![secret, body_file, &good], 0, "ok\n"),
+        (
+            "tampered body",
+            vec![secret, &tampered_file, &good],
+            1,
+            "mismatch\n",
+        ),
+        (
+            "missing header",
+            vec![secret, body_file, ""],
+            1,
+            "mismatch\n",
+        ),
+        (
+            "wrong secret",
+            vec!["wrong secret", body_file, &good],
+            1,
+            "mismatch\n",
+        ),
+        (
+            "non-ASCII secret",
+            vec![non_ascii, body_file, &non_ascii_good],
+            0,
+            "ok\n",
+        ),
+        (
+            "non-ASCII secret taken as Latin-1",
+            vec![non_ascii, body_file, &latin1_sig],
+            1,
+            "mismatch\n",
+        ),
+        (
+            "upper-case hex",
+            vec![secret, body_file, &upper],
+            1,
+            "mismatch\n",
+        ),
+        (
+            "non-ASCII header",
+            vec![secret, body_file, "sha256=é✓"],
+            1,
+            "mismatch\n",
+        ),
+    ];
+    for (interpreter, script, required) in
+        [("python3", "verify.py", true), ("node", "verify.js", false)]
+    {
+        for (case, args, code, stdout) in &cases {
+            let Some(out) = run_example(interpreter, script, args, required) else {
+                break;
+            };
+            // Nothing on stderr: a crash also exits non-zero, but says so there.
+            assert_eq!(
+                out,
+                (*code, (*stdout).to_owned(), String::new()),
+                "{script}, {case}"
+            );
+        }
+        let Some((code, stdout, stderr)) =
+            run_example(interpreter, script, &[secret, body_file], required)
+        else {
+            continue;
+        };
+        assert_eq!(
+            (code, stdout.as_str()),
+            (2, ""),
+            "{script} without a header argument"
+        );
+        assert!(stderr.starts_with("usage:"), "{script}: {stderr}");
+        let (code, stdout, stderr) = run_example(
+            interpreter,
+            script,
+            &[secret, "/nonexistent/body", &good],
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            (code, stdout.as_str()),
+            (2, ""),
+            "{script} with no body file"
+        );
+        assert!(stderr.starts_with("cannot read"), "{script}: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]

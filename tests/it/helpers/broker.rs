@@ -149,10 +149,16 @@ impl Broker {
         out
     }
 
-    /// Messages ready in `queue`.
+    /// Messages ready in `queue` (the broker leaves out those delivered and not yet
+    /// acked); panics when the queue cannot be read, a missing queue included.
     pub async fn depth(&self, queue: &str) -> u32 {
+        self.counts(queue).await.0
+    }
+
+    /// Ready messages and consumers of `queue`; panics when it cannot be read.
+    pub async fn counts(&self, queue: &str) -> (u32, u32) {
         let channel = self.conn.create_channel().await.unwrap();
-        channel
+        let q = channel
             .queue_declare(
                 queue.into(),
                 lapin::options::QueueDeclareOptions {
@@ -162,8 +168,59 @@ impl Broker {
                 FieldTable::default(),
             )
             .await
-            .map(|q| q.message_count())
-            .unwrap_or(0)
+            .unwrap_or_else(|e| panic!("cannot read queue {queue}: {e}"));
+        let _ = channel.close(200, "counted".into()).await;
+        (q.message_count(), q.consumer_count())
+    }
+
+    /// Messages in `queue` once its consumers are gone (a stopped worker's unacked
+    /// messages are back) and the count holds still: what was never acked counts too.
+    pub async fn settled_depth(&self, queue: &str) -> u32 {
+        self.wait_no_consumers(queue).await;
+        let mut last = self.depth(queue).await;
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = self.depth(queue).await;
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+    }
+
+    /// `drain` once the queue's consumers are gone, again until a round finds nothing:
+    /// after a worker stops, the broker returns its unacked messages a little later.
+    pub async fn drain_settled(&self, queue: &str) -> Vec<(Vec<u8>, FieldTable)> {
+        self.wait_no_consumers(queue).await;
+        let mut out = self.drain(queue).await;
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let more = self.drain(queue).await;
+            if more.is_empty() {
+                return out;
+            }
+            out.extend(more);
+        }
+    }
+
+    /// The event ids `drain_settled` takes from `queue`.
+    pub async fn drain_settled_ids(&self, queue: &str) -> std::collections::HashSet<String> {
+        self.drain_settled(queue)
+            .await
+            .iter()
+            .map(|(body, _)| super::event_id(body))
+            .collect()
+    }
+
+    async fn wait_no_consumers(&self, queue: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.counts(queue).await.1 > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "queue {queue} still has a consumer"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Waits until `queue` holds at least `n` messages.

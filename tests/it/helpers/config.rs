@@ -92,8 +92,9 @@ fn default_unless(section: &str, key: &str, default: &str) -> String {
     }
 }
 
-/// A configuration text for a courier subprocess, with its admin endpoints on a free
-/// port of their own; returns the text and the port.
+/// A configuration text for a courier subprocess, with its admin endpoints on a port
+/// from `free_port`; returns the text and the port. (`start_courier` with `config_text`
+/// needs no port chosen in advance.)
 pub fn config_with_admin(names: &Names, spec: &ConfigSpec) -> (String, u16) {
     let admin = free_port();
     let text = config_text(names, spec).replace("127.0.0.1:0", &format!("127.0.0.1:{admin}"));
@@ -108,11 +109,19 @@ pub async fn wait_ready(admin: u16) -> bool {
     .await
 }
 
-/// Parses a test configuration with the process environment.
+/// Parses a test configuration with an empty environment: a `COURIER_*` variable set on
+/// the machine must not send the worker to another broker or admin port.
 pub fn settings(names: &Names, spec: &ConfigSpec) -> Settings {
+    settings_with_env(names, spec, &[])
+}
+
+/// Parses a test configuration with only the environment variables `env`.
+pub fn settings_with_env(names: &Names, spec: &ConfigSpec, env: &[(&str, &str)]) -> Settings {
     let text = config_text(names, spec);
     config::parse(Path::new("test.toml"), &text, &|name| {
-        std::env::var(name).ok()
+        env.iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| (*v).to_owned())
     })
     .unwrap_or_else(|e| panic!("test config invalid: {e}\n{text}"))
 }

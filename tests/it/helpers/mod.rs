@@ -4,6 +4,7 @@
 
 mod broker;
 mod config;
+mod node;
 mod process;
 mod receiver;
 mod worker;
@@ -14,6 +15,7 @@ use tokio::time::Instant;
 
 pub use broker::*;
 pub use config::*;
+pub use node::*;
 pub use process::*;
 pub use receiver::*;
 pub use worker::*;

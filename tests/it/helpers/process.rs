@@ -1,6 +1,6 @@
 //! The courier binary as a subprocess: config files, signals, exit codes, admin requests.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
@@ -20,12 +20,17 @@ pub fn write_config(text: &str) -> PathBuf {
     path
 }
 
+/// `courier ARGS` without the environment's `COURIER_*` and `RUST_LOG`: the config a test
+/// writes is the whole config (a test that wants one sets it on the command).
 pub fn courier(args: &[&str]) -> Command {
     let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env_remove("COURIER_AMQP_URL")
-        .env_remove("COURIER_ADMIN_LISTEN")
-        .env_remove("RUST_LOG");
+    cmd.args(args);
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("COURIER_") || name == "RUST_LOG" {
+            cmd.env_remove(name.as_ref());
+        }
+    }
     cmd
 }
 
@@ -42,12 +47,92 @@ pub fn output(cmd: &mut Command) -> (i32, String, String) {
     )
 }
 
+/// A loopback port for a server that must be told its port before it starts (prefer
+/// binding `127.0.0.1:0` and learning the port, as `start_courier` does).
+///
+/// Drawn below the kernel's ephemeral range, so no implicit bind (a `:0` listener, an
+/// outgoing connection) can take it between this check and its use; only another test
+/// drawing the same number from the same ~20,000 could.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use rand::Rng;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let low = 10_000;
+    let high = ephemeral_low.max(low + 1000);
+    // Ports RabbitMQ nodes use by default stay out of it.
+    let reserved = [15672, 15692, 25672];
+    let mut rng = rand::rng();
+    loop {
+        let port = rng.random_range(low..high);
+        if !reserved.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A `courier run` subprocess and the admin port it bound.
+pub struct Running {
+    pub proc: Proc,
+    pub admin: u16,
+}
+
+/// Starts `courier run --config CONFIG` (whose `admin.listen` is `127.0.0.1:0`) with its
+/// log in `log`, learns the admin port it bound from the log and waits until it is ready.
+pub async fn start_courier(config: &Path, log: &Path) -> Running {
+    start_run(
+        &mut courier(&["run", "--config", config.to_str().unwrap()]),
+        log,
+    )
+    .await
+}
+
+/// `start_courier` for a `courier run` command the test has prepared (environment).
+pub async fn start_run(cmd: &mut Command, log: &Path) -> Running {
+    let proc = Proc(
+        cmd.stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let mut running = Running { proc, admin: 0 };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(port) = admin_port_in_log(&text) {
+            running.admin = port;
+            break;
+        }
+        if let Some(status) = running.proc.0.try_wait().unwrap() {
+            panic!("courier exited ({status}) before its admin endpoints were up:\n{text}");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no \"admin endpoints up\" line in the log:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        super::wait_ready(running.admin).await,
+        "courier never ready:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+    running
+}
+
+/// The port of the `admin endpoints up` line: `listen=ADDR` in text logs,
+/// `"listen":"ADDR"` in JSON logs.
+fn admin_port_in_log(text: &str) -> Option<u16> {
+    let line = text.lines().find(|l| l.contains("admin endpoints up"))?;
+    let (_, rest) = line
+        .split_once("listen=")
+        .or_else(|| line.split_once("\"listen\":\""))?;
+    let addr: String = rest
+        .chars()
+        .take_while(|c| !c.is_whitespace() && *c != '"')
+        .collect();
+    addr.parse::<std::net::SocketAddr>().ok().map(|a| a.port())
 }
 
 pub struct Proc(pub Child);
@@ -109,4 +194,13 @@ where
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[test]
+fn the_admin_port_is_read_from_text_and_json_logs() {
+    let text = "2026-12-01T00:00:00.000000Z  INFO courier::pipeline: admin endpoints up listen=127.0.0.1:41234\n";
+    let json = r#"{"timestamp":"2026-12-01T00:00:00Z","level":"INFO","message":"admin endpoints up","listen":"127.0.0.1:41235","target":"courier::pipeline"}"#;
+    assert_eq!(admin_port_in_log(text), Some(41234));
+    assert_eq!(admin_port_in_log(json), Some(41235));
+    assert_eq!(admin_port_in_log("INFO consuming queue=x\n"), None);
 }

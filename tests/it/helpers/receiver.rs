@@ -66,6 +66,8 @@ struct ReceiverState {
     /// Bodies longer than this get this status.
     too_large: Mutex<Option<(usize, u16)>>,
     delay: Mutex<Option<Duration>>,
+    /// True while answers are held back (`hold`, `release`).
+    held: tokio::sync::watch::Sender<bool>,
 }
 
 /// A real HTTP receiver on loopback that records requests and answers as told.
@@ -91,6 +93,7 @@ impl Receiver {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(ReceiverState {
             status: AtomicU16::new(200),
+            held: tokio::sync::watch::Sender::new(false),
             ..Default::default()
         });
         let stop = CancellationToken::new();
@@ -134,6 +137,16 @@ impl Receiver {
         *self.state.delay.lock().unwrap() = Some(delay);
     }
 
+    /// Holds every answer, of requests waiting now and arriving later, until `release`.
+    pub fn hold(&self) {
+        self.state.held.send_replace(true);
+    }
+
+    /// Lets the held answers go.
+    pub fn release(&self) {
+        self.state.held.send_replace(false);
+    }
+
     /// Answers `status` to any body longer than `max` bytes.
     pub fn reject_bodies_larger_than(&self, max: usize, status: u16) {
         *self.state.too_large.lock().unwrap() = Some((max, status));
@@ -147,6 +160,14 @@ impl Receiver {
     /// Every request so far.
     pub fn requests(&self) -> Vec<Recorded> {
         self.state.requests.lock().unwrap().clone()
+    }
+
+    /// Requests that arrived and wait for their answer.
+    pub fn in_flight(&self) -> Vec<Recorded> {
+        self.requests()
+            .into_iter()
+            .filter(|r| !r.answered)
+            .collect()
     }
 
     /// Requests answered 2xx.
@@ -232,6 +253,7 @@ async fn record(
     if let Some(delay) = delay {
         tokio::time::sleep(delay).await;
     }
+    let _ = state.held.subscribe().wait_for(|held| !held).await;
     state.requests.lock().unwrap()[index].answered = true;
     let mut response = StatusCode::from_u16(status).unwrap().into_response();
     if let Some(retry_after) = state.retry_after.lock().unwrap().clone() {

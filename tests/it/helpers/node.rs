@@ -1,0 +1,207 @@
+//! A private RabbitMQ node for tests that stop a broker (the shared one is never
+//! stopped), and `rabbitmqctl` inspection of any node: connections by name, unacked counts.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use super::{eventually_async, free_port, suffix};
+
+/// A RabbitMQ node of the test's own, on ports no other test uses; stopped and removed
+/// when dropped, even when the test panics.
+pub struct PrivateNode {
+    /// The Erlang node name, for `rabbitmqctl -n`.
+    pub name: String,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl PrivateNode {
+    /// Starts the node and waits until it accepts connections (a few seconds).
+    pub async fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("courier-node-{}", suffix()));
+        for sub in ["mnesia", "log"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        let (port, dist) = (free_port(), free_port());
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
+        std::fs::write(
+            dir.join("rabbitmq.conf"),
+            format!("listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n"),
+        )
+        .unwrap();
+        // The server script runs as the rabbitmq user.
+        let owned = Command::new("chown")
+            .args(["-R", "rabbitmq:rabbitmq"])
+            .arg(&dir)
+            .status()
+            .expect("chown");
+        assert!(owned.success(), "cannot hand {dir:?} to the rabbitmq user");
+        let node = Self {
+            name: format!("courier-it-{}@localhost", suffix()),
+            port,
+            dir,
+        };
+        let started = tokio::process::Command::new("rabbitmq-server")
+            .arg("-detached")
+            .env("RABBITMQ_NODENAME", &node.name)
+            .env("RABBITMQ_NODE_PORT", port.to_string())
+            .env("RABBITMQ_DIST_PORT", dist.to_string())
+            .env("RABBITMQ_MNESIA_BASE", node.dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", node.dir.join("log"))
+            .env("RABBITMQ_PID_FILE", node.dir.join("pid"))
+            .env(
+                "RABBITMQ_ENABLED_PLUGINS_FILE",
+                node.dir.join("enabled_plugins"),
+            )
+            .env("RABBITMQ_CONFIG_FILE", node.dir.join("rabbitmq.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .expect("rabbitmq-server");
+        assert!(started.success(), "rabbitmq-server -detached failed");
+        node.stop_when_the_test_process_ends();
+        let pid = node.dir.join("pid");
+        let waited = node
+            .ctl(&["wait", pid.to_str().unwrap(), "--timeout", "60"])
+            .await;
+        assert!(waited, "private node {} did not start", node.name);
+        node
+    }
+
+    /// A watchdog in a session of its own stops the node once this process is gone, for
+    /// when the test is killed before `Drop` can run (a timeout in the test runner).
+    fn stop_when_the_test_process_ends(&self) {
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; rabbitmqctl -n {name} stop; rm -rf {dir}",
+            pid = std::process::id(),
+            name = self.name,
+            dir = self.dir.display(),
+        );
+        let watchdog = Command::new("setsid")
+            .args(["--fork", "sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("setsid");
+        assert!(watchdog.success(), "no watchdog for {}", self.name);
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:PORT/%2f`.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Stops the node (the test's connections to it break).
+    pub async fn stop(&self) {
+        assert!(self.ctl(&["stop"]).await, "cannot stop {}", self.name);
+    }
+
+    /// Runs `rabbitmqctl -n NODE ARGS`; returns whether it succeeded.
+    async fn ctl(&self, args: &[&str]) -> bool {
+        tokio::process::Command::new("rabbitmqctl")
+            .args(["-n", &self.name])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for PrivateNode {
+    fn drop(&mut self) {
+        // Stopping a stopped node fails quietly.
+        let _ = Command::new("rabbitmqctl")
+            .args(["-n", &self.name, "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `rabbitmqctl [-n node] ARGS` without blocking the test's runtime; its stdout.
+async fn rabbitmqctl(node: Option<&str>, args: &[&str]) -> String {
+    let mut cmd = tokio::process::Command::new("rabbitmqctl");
+    if let Some(node) = node {
+        cmd.args(["-n", node]);
+    }
+    let out = cmd.args(args).output().await.expect("rabbitmqctl");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The pids of the connections named `name` on `node` (the shared node: `None`).
+pub async fn connections_named(node: Option<&str>, name: &str) -> Vec<String> {
+    let listing = rabbitmqctl(
+        node,
+        &[
+            "list_connections",
+            "-q",
+            "--no-table-headers",
+            "pid",
+            "client_properties",
+        ],
+    )
+    .await;
+    let quoted = format!("\"{name}\"");
+    listing
+        .lines()
+        .filter(|line| line.contains(&quoted))
+        .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
+        .collect()
+}
+
+/// Closes the connections named `name` from the broker side; returns their pids.
+pub async fn close_named(node: Option<&str>, name: &str) -> Vec<String> {
+    let pids = connections_named(node, name).await;
+    for pid in &pids {
+        rabbitmqctl(
+            node,
+            &["close_connection", pid, "test: closed by the broker"],
+        )
+        .await;
+    }
+    pids
+}
+
+/// Waits until a connection named `name` exists on the shared node that is none of
+/// `old`: the client connected again.
+pub async fn wait_for_new_connection(name: &str, old: &[String], timeout: Duration) -> bool {
+    eventually_async(timeout, || async {
+        connections_named(None, name)
+            .await
+            .iter()
+            .any(|pid| !old.contains(pid))
+    })
+    .await
+}
+
+/// Messages of `queue` on the shared node delivered to a consumer and not yet
+/// acknowledged; `None` when the queue does not exist.
+pub async fn unacked(queue: &str) -> Option<u64> {
+    let listing = rabbitmqctl(
+        None,
+        &[
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "messages_unacknowledged",
+        ],
+    )
+    .await;
+    listing.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        (fields.next() == Some(queue)).then(|| fields.next()?.parse().ok())?
+    })
+}
