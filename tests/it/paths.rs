@@ -837,7 +837,6 @@ fn attempt(request: &Recorded) -> u32 {
 }
 
 #[tokio::test]
-#[ignore = "passes once sessions own their tasks"]
 async fn a_session_lost_mid_stream_leaves_no_work_behind() {
     let receiver = Receiver::start().await;
     receiver.set_status(503);
