@@ -18,6 +18,7 @@ use super::deliver::{self, Batch, Context};
 use super::reload::Live;
 use super::session::Session;
 use super::settle::{DeadLetter, Pending, UNKNOWN_ACCOUNT};
+use super::warnings::{Kind, Warnings};
 use crate::broker::headers::Trail;
 use crate::config::{Account, Settings};
 use crate::event;
@@ -29,6 +30,8 @@ pub struct Intake {
     pub reloads: watch::Receiver<Arc<Settings>>,
     /// Requests in flight per destination.
     pub destinations: HashMap<Key, Arc<Semaphore>>,
+    /// Warnings about bad input, summarised.
+    pub warnings: Warnings,
 }
 
 /// Why the consumer loop ended.
@@ -52,7 +55,10 @@ pub async fn consume(
     let prefetch = intake.live.settings.broker.prefetch as usize;
     let mut open = Open::default();
     let ended = loop {
-        let deadline = open.next_deadline();
+        let deadline = [open.next_deadline(), intake.warnings.next_deadline()]
+            .into_iter()
+            .flatten()
+            .min();
         let due = async {
             match deadline {
                 Some(at) => tokio::time::sleep_until(at).await,
@@ -66,7 +72,11 @@ pub async fn consume(
                 break Ended::Shutdown;
             }
             Ok(()) = intake.reloads.changed() => reloaded(intake),
-            _ = due => open.expired(Instant::now(), |f| dispatch(cx, &mut intake.destinations, f)),
+            _ = due => {
+                let now = Instant::now();
+                open.expired(now, |f| dispatch(cx, &mut intake.destinations, f));
+                intake.warnings.due(now).iter().for_each(|line| line.log());
+            }
             next = session.consumer.next() => {
                 let delivery = match next {
                     Some(Ok(delivery)) => delivery,
@@ -116,9 +126,12 @@ fn reloaded(intake: &mut Intake) {
 /// Routes one delivery into its open batch, or settles it at once.
 fn accept(intake: &mut Intake, open: &mut Open, cx: &Context, delivery: lapin::message::Delivery) {
     let Intake {
-        live, destinations, ..
+        live,
+        destinations,
+        warnings,
+        ..
     } = intake;
-    let Some((key, account, pending)) = route(live, cx, delivery) else {
+    let Some((key, account, pending)) = route(live, cx, warnings, delivery) else {
         return;
     };
     let limits = Limits {
@@ -163,6 +176,7 @@ fn dispatch(cx: &Context, destinations: &mut HashMap<Key, Arc<Semaphore>>, flush
 fn route(
     live: &Live,
     cx: &Context,
+    warnings: &mut Warnings,
     delivery: lapin::message::Delivery,
 ) -> Option<(Key, Arc<Account>, Pending)> {
     let settings = &live.settings;
@@ -176,6 +190,11 @@ fn route(
             e.occurred_at,
         )
     });
+    // What a warning about an invalid event may show of it.
+    let label = match delivery.properties.message_id() {
+        Some(id) => id.to_string(),
+        None => format!("(delivery {})", delivery.delivery_tag),
+    };
     let pending = |id: String, lag_from| Pending {
         body: delivery.data.into(),
         id,
@@ -189,7 +208,8 @@ fn route(
     let (id, account_id, kind, occurred_at) = match parsed {
         Ok(parsed) => parsed,
         Err(invalid) => {
-            tracing::warn!(error = %invalid, "invalid event dead-lettered");
+            let line = warnings.note(Kind::InvalidEvent, &label, &invalid.0, Instant::now());
+            line.iter().for_each(|line| line.log());
             let dead = dead_letter("invalid_event", "", "", invalid.0);
             spawn_dead_letter(cx, pending(String::new(), first_seen), dead);
             return None;
@@ -198,8 +218,9 @@ fn route(
     let lag_from = occurred_at.map(SystemTime::from).unwrap_or(first_seen);
     let item = pending(id, lag_from);
     let Some(account) = settings.accounts.get(&account_id) else {
-        tracing::warn!(account = %account_id, "event of an unknown account dead-lettered");
         let error = format!("account {account_id:?} is not configured");
+        let line = warnings.note(Kind::UnknownAccount, &item.id, &error, Instant::now());
+        line.iter().for_each(|line| line.log());
         let dead = dead_letter("unknown_account", UNKNOWN_ACCOUNT, kind.as_str(), error);
         spawn_dead_letter(cx, item, dead);
         return None;

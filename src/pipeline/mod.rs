@@ -15,7 +15,8 @@
 //! - [`deliver`]: the delivery task, which carries out decisions;
 //! - [`decide`]: the retry policy, pure and table-tested;
 //! - [`settle`]: the only code that acks, nacks and republishes;
-//! - [`reload`]: what a new configuration file changes.
+//! - [`reload`]: what a new configuration file changes;
+//! - [`warnings`]: warnings about bad input, summarised.
 //!
 //! This module runs the admin server and the sessions: it reconnects with backoff when a
 //! session is lost, and shuts down on its token. docs/design.md draws the same flow.
@@ -27,6 +28,7 @@ mod deliver;
 mod reload;
 mod session;
 pub mod settle;
+mod warnings;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -138,6 +140,7 @@ impl Worker {
             live: Arc::new(live),
             reloads,
             destinations: HashMap::new(),
+            warnings: Default::default(),
         };
         let broker = Arc::new(self.settings.broker.clone());
         let name = format!("courier publish {}", broker.queue_prefix);

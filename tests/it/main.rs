@@ -3,6 +3,7 @@
 mod cli;
 mod failures;
 mod helpers;
+mod hostile;
 mod paths;
 mod pipeline;
 mod retries;
