@@ -135,8 +135,28 @@ impl Destinations {
 
     /// Appends the families in Prometheus text format, destinations sorted.
     pub(super) fn render(&self, out: &mut String) {
-        // A snapshot, so the lock is not held while megabytes of text are written: a new
-        // destination's first event would otherwise wait, and every call behind it.
+        let destinations = self.snapshot();
+        // A few KB of text per destination: reserved once rather than doubled as it
+        // grows.
+        out.reserve(destinations.len() * 3 * 1024);
+        for (name, kind, help, write) in FAMILIES {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (account, kind, series) in &destinations {
+                let mut sample = Sample {
+                    out,
+                    name,
+                    account,
+                    kind: kind.as_str(),
+                };
+                write(&mut sample, series);
+            }
+        }
+    }
+
+    /// Every destination's series, sorted. A snapshot, so the lock is not held while
+    /// megabytes of text are written: a new destination's first event would otherwise
+    /// wait, and every call behind it.
+    fn snapshot(&self) -> Vec<(Box<str>, RecordType, Arc<Series>)> {
         let mut destinations: Vec<(Box<str>, RecordType, Arc<Series>)> = {
             let map = self
                 .by_account
@@ -153,90 +173,69 @@ impl Destinations {
                 .collect()
         };
         destinations.sort_unstable_by(|a, b| (&a.0, a.1 as usize).cmp(&(&b.0, b.1 as usize)));
-        // A few KB of text per destination: reserved once rather than doubled as it
-        // grows.
-        out.reserve(destinations.len() * 3 * 1024);
-        let family = |out: &mut String,
-                      name: &str,
-                      kind: &str,
-                      help: &str,
-                      f: &dyn Fn(&mut Sample, &Series)| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (account, kind, series) in &destinations {
-                let kind = kind.as_str();
-                f(
-                    &mut Sample {
-                        out,
-                        name,
-                        account,
-                        kind,
-                    },
-                    series,
-                );
-            }
-        };
-        family(
-            out,
-            "courier_events_consumed_total",
-            "counter",
-            "Valid events consumed",
-            &|w, s| w.counter(None, s.consumed.load(Relaxed)),
-        );
-        family(
-            out,
-            "courier_events_delivered_total",
-            "counter",
-            "Events delivered with a 2xx",
-            &|w, s| w.counter(None, s.delivered.load(Relaxed)),
-        );
-        family(
-            out,
-            "courier_requests_total",
-            "counter",
-            "HTTP requests by outcome",
-            &|w, s| {
-                let values = RequestOutcome::ALL.map(|o| (o.as_str(), &s.requests[o as usize]));
-                w.used_counters("outcome", values)
-            },
-        );
-        family(
-            out,
-            "courier_request_duration_seconds",
-            "histogram",
-            "HTTP request duration",
-            &|w, s| w.histogram(&s.duration),
-        );
-        family(
-            out,
-            "courier_batch_size",
-            "histogram",
-            "Events per flushed batch",
-            &|w, s| w.histogram(&s.batch_size),
-        );
-        family(
-            out,
-            "courier_batches_flushed_total",
-            "counter",
-            "Batches flushed, by reason",
-            &|w, s| {
-                let values = FlushReason::ALL.map(|r| (r.as_str(), &s.flushed[r as usize]));
-                w.used_counters("reason", values)
-            },
-        );
-        family(
-            out,
-            "courier_batch_splits_total",
-            "counter",
-            "Extra requests spent isolating rejections",
-            &|w, s| {
-                let v = s.splits.load(Relaxed);
-                if v > 0 {
-                    w.counter(None, v);
-                }
-            },
-        );
+        destinations
     }
 }
+
+/// Writes one destination's samples of a family.
+type WriteSamples = fn(&mut Sample, &Series);
+
+/// The families with account and type labels: name, type, help, samples.
+const FAMILIES: [(&str, &str, &str, WriteSamples); 7] = [
+    (
+        "courier_events_consumed_total",
+        "counter",
+        "Valid events consumed",
+        |w, s| w.counter(None, s.consumed.load(Relaxed)),
+    ),
+    (
+        "courier_events_delivered_total",
+        "counter",
+        "Events delivered with a 2xx",
+        |w, s| w.counter(None, s.delivered.load(Relaxed)),
+    ),
+    (
+        "courier_requests_total",
+        "counter",
+        "HTTP requests by outcome",
+        |w, s| {
+            let values = RequestOutcome::ALL.map(|o| (o.as_str(), &s.requests[o as usize]));
+            w.used_counters("outcome", values)
+        },
+    ),
+    (
+        "courier_request_duration_seconds",
+        "histogram",
+        "HTTP request duration",
+        |w, s| w.histogram(&s.duration),
+    ),
+    (
+        "courier_batch_size",
+        "histogram",
+        "Events per flushed batch",
+        |w, s| w.histogram(&s.batch_size),
+    ),
+    (
+        "courier_batches_flushed_total",
+        "counter",
+        "Batches flushed, by reason",
+        |w, s| {
+            let values = FlushReason::ALL.map(|r| (r.as_str(), &s.flushed[r as usize]));
+            w.used_counters("reason", values)
+        },
+    ),
+    (
+        "courier_batch_splits_total",
+        "counter",
+        "Extra requests spent isolating rejections",
+        |w, s| {
+            let v = s.splits.load(Relaxed);
+            if v > 0 {
+                w.counter(None, v);
+            }
+        },
+    ),
+];
 
 /// Writes the samples of one family for one destination.
 struct Sample<'a> {
