@@ -517,6 +517,7 @@ async fn kill_9_mid_delivery_loses_nothing() {
         "lost {:?}",
         all.difference(&delivered()).collect::<Vec<_>>()
     );
+    let recovered = restarted.elapsed();
     let again: HashSet<String> = receiver
         .accepted()
         .iter()
@@ -535,4 +536,11 @@ async fn kill_9_mid_delivery_loses_nothing() {
     );
     assert_eq!(broker.settled_depth(&names.deliver()).await, 0);
     assert_eq!(broker.depth(&names.dead()).await, 0);
+    print_figures(
+        "kill -9",
+        all.len(),
+        &receiver.delivered_ids(),
+        0,
+        recovered,
+    );
 }

@@ -357,6 +357,7 @@ async fn dropped_broker_connections_lose_nothing_in_flight() {
     ] {
         assert_eq!(close_connections_named(&name), 1, "connection {name}");
     }
+    let dropped = std::time::Instant::now();
     assert_eq!(
         receiver.in_flight().len(),
         10,
@@ -382,6 +383,7 @@ async fn dropped_broker_connections_lose_nothing_in_flight() {
         "never delivered: {:?}",
         wanted.difference(&delivered()).collect::<Vec<_>>()
     );
+    let recovered = dropped.elapsed();
     assert!(
         broker
             .wait_for_depth(&names.dead(), 2, Duration::from_secs(20))
@@ -404,6 +406,13 @@ async fn dropped_broker_connections_lose_nothing_in_flight() {
         "delivered ∪ dead-lettered = published"
     );
     assert_eq!(broker.settled_depth(&names.deliver()).await, 0);
+    print_figures(
+        "dropped connections",
+        published.len(),
+        &receiver.delivered_ids(),
+        dead.len(),
+        recovered,
+    );
 }
 
 /// Closes the broker connections with this client-provided name; returns how many.

@@ -877,6 +877,7 @@ async fn a_session_lost_mid_stream_leaves_no_work_behind() {
         10,
         "lost events"
     );
+    let recovered = closed.elapsed();
     // Whatever the old session's tasks would still do, they have done once shutdown ends.
     worker.shutdown().await;
     let requests = receiver.requests();
@@ -912,5 +913,12 @@ async fn a_session_lost_mid_stream_leaves_no_work_behind() {
         ready(&broker, &tier).await,
         Some(0),
         "the lost session republished"
+    );
+    print_figures(
+        "session lost mid-stream",
+        published.len(),
+        &receiver.delivered_ids(),
+        0,
+        recovered,
     );
 }

@@ -69,3 +69,25 @@ pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Prints what a fault test saw, for docs/reliability.md: `cargo nextest run
+/// --no-capture <test>` shows the line. `delivered` holds every accepted event id, with
+/// repeats.
+pub fn print_figures(
+    test: &str,
+    published: usize,
+    delivered: &[String],
+    dead: usize,
+    recovered: Duration,
+) {
+    let distinct = delivered
+        .iter()
+        .collect::<std::collections::HashSet<_>>()
+        .len();
+    eprintln!(
+        "figures {test}: events {published}, delivered {distinct}, dead-lettered {dead}, \
+         duplicates {}, recovered in {:.1} s",
+        delivered.len() - distinct,
+        recovered.as_secs_f64()
+    );
+}
