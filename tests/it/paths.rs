@@ -328,10 +328,15 @@ async fn shutdown_timeout_running_out_exits_and_leaves_the_rest_for_redelivery()
         "not every request in flight"
     );
     sigterm(&child.0);
+    let signalled = std::time::Instant::now();
     assert_eq!(
         wait_exit(&mut child.0, Duration::from_secs(30)).await,
         Some(0),
         "no exit while the requests were held"
+    );
+    eprintln!(
+        "figures shutdown: exit {:.1} s after SIGTERM with shutdown_timeout = 1s",
+        signalled.elapsed().as_secs_f64()
     );
     assert!(receiver.accepted().is_empty());
     let returned: HashSet<String> = take_ids(&broker, &names.deliver(), 5)
@@ -759,6 +764,7 @@ async fn the_worker_moves_to_the_next_node_when_its_node_stops() {
         "the worker consumes from the first node"
     );
     node.stop().await;
+    let stopped = std::time::Instant::now();
     assert!(
         eventually(Duration::from_secs(30), || worker
             .metric("courier_broker_reconnects_total", &[])
@@ -780,8 +786,16 @@ async fn the_worker_moves_to_the_next_node_when_its_node_stops() {
         receiver.delivered_ids().into_iter().collect::<HashSet<_>>(),
         all
     );
+    let recovered = stopped.elapsed();
     worker.shutdown().await;
     assert_eq!(ready(&broker, &names.deliver()).await, Some(0));
+    print_figures(
+        "node stopped",
+        all.len(),
+        &receiver.delivered_ids(),
+        0,
+        recovered,
+    );
 }
 
 #[tokio::test]
