@@ -1,12 +1,20 @@
 //! Confirmed publishing on a connection of its own (a blocked publisher must not stall
 //! the consumer's acks). Every publish is `mandatory` and awaits its confirm; a returned
 //! or nacked message is a failure.
+//!
+//! A publish is bounded as a whole, the write and the confirm: while the broker blocks
+//! publishers on a resource alarm, the write itself does not complete (docs/operations.md,
+//! "When the broker blocks publishers"). A broken connection is replaced once per
+//! publish, by one publish for all that found it broken; the others wait for that
+//! reconnect, and publishes on a working connection never wait for it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
-use tokio::sync::Mutex;
+use tokio::time::Instant;
 
 use super::{BrokerError, connect};
 use crate::config::BrokerUrl;
@@ -18,20 +26,40 @@ pub enum PublishError {
     Returned(String),
     #[error("the broker refused the message (nack)")]
     Nacked,
-    #[error("no publisher confirm within {0:?} (is the broker blocked by a resource alarm?)")]
+    #[error("not published within {0:?} (is the broker blocking publishers on a resource alarm?)")]
     TimedOut(Duration),
     #[error(transparent)]
     Broker(#[from] BrokerError),
 }
 
-/// How long a publish waits for its confirm before it counts as failed.
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a publish may take, write and confirm, when its caller sets no deadline.
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One publishing connection and its confirmed channel.
+struct Link {
+    /// Which reconnect opened it: a publish that failed on it names it.
+    generation: u64,
+    conn: Connection,
+    channel: Channel,
+}
+
+impl Link {
+    fn usable(&self) -> bool {
+        self.conn.status().connected() && self.channel.status().connected()
+    }
+}
 
 /// A publisher-confirmed channel that reconnects on demand.
 pub struct Publisher {
     urls: Vec<BrokerUrl>,
     name: String,
-    state: Mutex<Option<(Connection, Channel)>>,
+    /// The current link; never locked across an await.
+    link: Mutex<Option<Arc<Link>>>,
+    /// Held by the one publish that reconnects; it keeps the failure of the last attempt
+    /// for the publishes that waited on it.
+    reconnecting: tokio::sync::Mutex<Option<String>>,
+    /// Reconnects attempted so far.
+    attempts: AtomicU64,
 }
 
 impl Publisher {
@@ -40,23 +68,64 @@ impl Publisher {
         let publisher = Self {
             urls: urls.to_vec(),
             name: name.to_owned(),
-            state: Mutex::new(None),
+            link: Mutex::new(None),
+            reconnecting: tokio::sync::Mutex::new(None),
+            attempts: AtomicU64::new(0),
         };
-        publisher.channel().await?;
+        publisher.link(None).await?;
         Ok(publisher)
     }
 
-    async fn channel(&self) -> Result<Channel, BrokerError> {
-        let mut state = self.state.lock().await;
-        if let Some((conn, channel)) = state.as_ref()
-            && conn.status().connected()
-            && channel.status().connected()
+    fn current(&self) -> Option<Arc<Link>> {
+        self.link.lock().expect("publisher link").clone()
+    }
+
+    /// A usable link: the current one unless it is broken or is the one a publish just
+    /// failed on (`failed`), else a new one. Publishes that need a new link at the same
+    /// time share one reconnect and its outcome.
+    async fn link(&self, failed: Option<u64>) -> Result<Arc<Link>, BrokerError> {
+        let seen = self.attempts.load(Ordering::SeqCst);
+        if let Some(link) = self.current()
+            && link.usable()
+            && Some(link.generation) != failed
         {
-            return Ok(channel.clone());
+            return Ok(link);
         }
-        if let Some((conn, _)) = state.take() {
-            let _ = conn.close(200, "reconnecting".into()).await;
+        let mut last_failure = self.reconnecting.lock().await;
+        if self.attempts.load(Ordering::SeqCst) != seen {
+            // Another publish reconnected while this one waited.
+            return match (self.current(), last_failure.as_ref()) {
+                (Some(link), _) if link.usable() => Ok(link),
+                (_, failure) => Err(BrokerError::Connect {
+                    nodes: self.nodes(),
+                    last: failure.cloned().unwrap_or_else(|| "connection lost".into()),
+                }),
+            };
         }
+        let old = self.link.lock().expect("publisher link").take();
+        if let Some(old) = old {
+            // A broken connection closes at once; a blocked one cannot, so do not wait.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                old.conn.close(200, "reconnecting".into()),
+            )
+            .await;
+        }
+        let generation = self.attempts.fetch_add(1, Ordering::SeqCst) + 1;
+        match self.open(generation).await {
+            Ok(link) => {
+                *last_failure = None;
+                *self.link.lock().expect("publisher link") = Some(link.clone());
+                Ok(link)
+            }
+            Err(e) => {
+                *last_failure = Some(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    async fn open(&self, generation: u64) -> Result<Arc<Link>, BrokerError> {
         let conn = connect(&self.urls, &self.name).await?;
         let channel = conn
             .create_channel()
@@ -66,12 +135,21 @@ impl Publisher {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(BrokerError::amqp("enabling publisher confirms"))?;
-        *state = Some((conn, channel.clone()));
-        Ok(channel)
+        Ok(Arc::new(Link {
+            generation,
+            conn,
+            channel,
+        }))
+    }
+
+    fn nodes(&self) -> String {
+        let nodes: Vec<&str> = self.urls.iter().map(|u| u.display.as_str()).collect();
+        nodes.join(", ")
     }
 
     /// Publishes once; the returned [`Confirm`] resolves when the broker has taken the
     /// message. Several may be outstanding at once (`courier publish` keeps a window).
+    /// The write and the confirm together take at most [`PUBLISH_TIMEOUT`].
     pub async fn send(
         &self,
         exchange: &str,
@@ -79,26 +157,18 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<Confirm, PublishError> {
-        let channel = self.channel().await?;
-        let confirm = channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                body,
-                properties,
-            )
+        let deadline = Instant::now() + PUBLISH_TIMEOUT;
+        let write = async {
+            let link = self.link(None).await?;
+            write(&link, exchange, routing_key, body, properties).await
+        };
+        let confirm = tokio::time::timeout_at(deadline, write)
             .await
-            .map_err(BrokerError::amqp("publishing"))?;
-        Ok(Confirm(confirm))
+            .map_err(|_| PublishError::TimedOut(PUBLISH_TIMEOUT))??;
+        Ok(Confirm { confirm, deadline })
     }
 
-    /// Publishes with confirm, reconnecting and retrying a few times on a broken
-    /// connection. An `Err` means the message may not be stored: the caller must not ack
-    /// its original.
+    /// Publishes with confirm within [`PUBLISH_TIMEOUT`]; see [`Self::publish_before`].
     pub async fn publish(
         &self,
         exchange: &str,
@@ -106,59 +176,112 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        let mut delay = Duration::from_millis(100);
-        let mut attempt = 1;
-        loop {
-            let result = match self
-                .send(exchange, routing_key, body, properties.clone())
-                .await
-            {
-                Ok(confirm) => confirm.wait().await,
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(()) => return Ok(()),
-                Err(PublishError::Broker(e)) if attempt < 4 && !e.is_fatal() => {
-                    tracing::warn!(error = %e, attempt, "publish failed; reconnecting");
-                    tokio::time::sleep(delay).await;
-                    delay *= 4;
-                    attempt += 1;
+        let deadline = Instant::now() + PUBLISH_TIMEOUT;
+        self.publish_before(exchange, routing_key, body, properties, deadline)
+            .await
+    }
+
+    /// Publishes with confirm, write and confirm done by `deadline`; on a broken
+    /// connection it reconnects once and tries again. An `Err` means the message may not
+    /// be stored: the caller must not ack its original. (After a timeout it may still be
+    /// stored once the broker reads again: a duplicate, never a loss.)
+    pub async fn publish_before(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        deadline: Instant,
+    ) -> Result<(), PublishError> {
+        let allowed = deadline.saturating_duration_since(Instant::now());
+        let attempts = async {
+            let mut failed = None;
+            loop {
+                let link = self.link(failed).await?;
+                let result =
+                    match write(&link, exchange, routing_key, body, properties.clone()).await {
+                        Ok(confirm) => confirmed(confirm.await),
+                        Err(e) => Err(e),
+                    };
+                match result {
+                    Err(PublishError::Broker(e)) if failed.is_none() && !e.is_fatal() => {
+                        tracing::warn!(error = %e, "publish failed; reconnecting");
+                        failed = Some(link.generation);
+                    }
+                    result => return result,
                 }
-                Err(e) => return Err(e),
             }
-        }
+        };
+        tokio::time::timeout_at(deadline, attempts)
+            .await
+            .unwrap_or(Err(PublishError::TimedOut(allowed)))
     }
 
     /// Closes the connection (waiting at most a few seconds for the broker).
     pub async fn close(&self) {
-        if let Some((conn, _)) = self.state.lock().await.take() {
+        let link = self.link.lock().expect("publisher link").take();
+        if let Some(link) = link {
             let _ = tokio::time::timeout(
                 Duration::from_secs(5),
-                conn.close(200, "shutting down".into()),
+                link.conn.close(200, "shutting down".into()),
             )
             .await;
         }
     }
 }
 
+/// Writes one mandatory publish on `link`.
+async fn write(
+    link: &Link,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<PublisherConfirm, PublishError> {
+    let confirm = link
+        .channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            body,
+            properties,
+        )
+        .await
+        .map_err(BrokerError::amqp("publishing"))?;
+    Ok(confirm)
+}
+
+/// What the broker's confirm says: a returned or nacked message is an error.
+fn confirmed(confirm: Result<Confirmation, lapin::Error>) -> Result<(), PublishError> {
+    match confirm.map_err(BrokerError::amqp("waiting for a publisher confirm"))? {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+            Err(PublishError::Returned(returned.reply_text.to_string()))
+        }
+        Confirmation::Nack(None) => Err(PublishError::Nacked),
+        Confirmation::NotRequested => unreachable!("confirm_select is always enabled"),
+    }
+}
+
 /// A message the broker has not confirmed yet.
-pub struct Confirm(PublisherConfirm);
+pub struct Confirm {
+    confirm: PublisherConfirm,
+    /// Its [`Publisher::send`]'s deadline.
+    deadline: Instant,
+}
 
 impl Confirm {
-    /// Waits for the broker's confirm (bounded: a blocked broker must not hold the
-    /// originals unacknowledged for long). A returned or nacked message is an error.
+    /// Waits for the broker's confirm, until the deadline its send set (a blocked broker
+    /// must not hold the originals unacknowledged for long). A returned or nacked message
+    /// is an error.
     pub async fn wait(self) -> Result<(), PublishError> {
-        let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, self.0)
+        let confirm = tokio::time::timeout_at(self.deadline, self.confirm)
             .await
-            .map_err(|_| PublishError::TimedOut(CONFIRM_TIMEOUT))?
-            .map_err(BrokerError::amqp("waiting for a publisher confirm"))?;
-        match confirm {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
-                Err(PublishError::Returned(returned.reply_text.to_string()))
-            }
-            Confirmation::Nack(None) => Err(PublishError::Nacked),
-            Confirmation::NotRequested => unreachable!("confirm_select is always enabled"),
-        }
+            .map_err(|_| PublishError::TimedOut(PUBLISH_TIMEOUT))?;
+        confirmed(confirm)
     }
 }

@@ -7,7 +7,7 @@
 //! nothing, and what it held returns through the broker.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::future::join_all;
@@ -15,10 +15,11 @@ use lapin::BasicProperties;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::decide::{Failure, Next, next_tier};
+use super::decide::{Failure, MAX_HOLD, Next, next_tier};
 use crate::broker::Publisher;
 use crate::broker::acks::Acks;
 use crate::broker::headers::{Trail, republish_properties};
+use crate::broker::publish::PUBLISH_TIMEOUT;
 use crate::config::{BrokerSettings, RetrySettings};
 use crate::event::RecordType;
 use crate::metrics::Metrics;
@@ -57,6 +58,22 @@ pub struct DeadLetter {
 /// The account label of events whose account is not configured: metric labels only ever
 /// take configured values.
 pub const UNKNOWN_ACCOUNT: &str = "(unknown)";
+
+/// Publishes of one republish before its original goes back to the queue: a short
+/// outage of the target queue is ridden out without spending one of the event's
+/// deliveries (docs/operations.md, "When the broker blocks publishers").
+const REPUBLISH_TRIES: u32 = 4;
+
+/// The wait after a republish's first failed publish; it doubles after each.
+const REPUBLISH_BACKOFF: Duration = Duration::from_millis(300);
+
+/// By when a republish must be done: the hold limit of its message ([`MAX_HOLD`] after
+/// it was consumed, well clear of the broker's `consumer_timeout`), or one
+/// [`PUBLISH_TIMEOUT`] from now if that is later, so that a message whose immediate
+/// attempts used up the hold still gets one publish.
+fn republish_deadline(consumed_at: Instant, now: Instant) -> Instant {
+    (consumed_at + MAX_HOLD).max(now + PUBLISH_TIMEOUT)
+}
 
 /// Settles the messages of one broker session.
 #[derive(Clone)]
@@ -177,18 +194,34 @@ impl Settler {
     }
 
     /// Publishes a copy of `item` to `queue` (confirmed, mandatory) with `trail`, then
-    /// acks the original. If the publish fails the original goes back to the queue
-    /// instead (nack with requeue), so nothing is lost. Returns whether it was published.
+    /// acks the original. A failed publish is tried again after a backoff, a few times
+    /// and never past the message's hold limit (a broker blocking publishers holds one
+    /// publish until then); only then does the original go back to the queue (nack with
+    /// requeue), so nothing is lost. Returns whether it was published.
     async fn republish(&self, item: Pending, queue: &str, trail: &Trail) -> bool {
         if self.session.is_cancelled() {
             return false;
         }
         let headers = trail.write(item.properties.headers().as_ref());
         let properties = republish_properties(&item.properties, headers);
-        let published = self
-            .publisher
-            .publish("", queue, &item.body, properties)
-            .await;
+        let deadline = republish_deadline(item.consumed_at, Instant::now());
+        let mut delay = REPUBLISH_BACKOFF;
+        let mut tries = 1;
+        let published = loop {
+            let published = self
+                .publisher
+                .publish_before("", queue, &item.body, properties.clone(), deadline)
+                .await;
+            match published {
+                Err(e) if tries < REPUBLISH_TRIES && Instant::now() + delay < deadline => {
+                    tracing::debug!(error = %e, %queue, tries, retry_in = ?delay, "republishing failed; trying again");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    tries += 1;
+                }
+                published => break published,
+            }
+        };
         if self.session.is_cancelled() {
             // The channel of the original is gone: the broker returns it.
             return published.is_ok();
@@ -199,10 +232,24 @@ impl Settler {
                 true
             }
             Err(e) => {
-                tracing::error!(error = %e, %queue, "republishing failed; returning the message to the queue");
+                tracing::error!(error = %e, %queue, tries, "republishing failed; returning the message to the queue");
                 self.acks.nack(item.tag);
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_republish_ends_at_the_hold_limit_or_after_one_publish_if_that_is_later() {
+        let consumed = Instant::now();
+        let soon = consumed + Duration::from_secs(5);
+        assert_eq!(republish_deadline(consumed, soon), consumed + MAX_HOLD);
+        let late = consumed + MAX_HOLD;
+        assert_eq!(republish_deadline(consumed, late), late + PUBLISH_TIMEOUT);
     }
 }

@@ -1,5 +1,6 @@
 //! Integration tests against a real RabbitMQ and real receivers on loopback.
 
+mod alarm;
 mod cli;
 mod failures;
 mod helpers;

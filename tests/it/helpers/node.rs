@@ -1,5 +1,6 @@
-//! A private RabbitMQ node for tests that stop a broker (the shared one is never
-//! stopped), and `rabbitmqctl` inspection of any node: connections by name, unacked counts.
+//! A private RabbitMQ node for tests that stop or block a broker (the shared one is never
+//! stopped or blocked), and `rabbitmqctl` inspection of any node: connections by name,
+//! unacked counts.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -97,6 +98,31 @@ impl PrivateNode {
     /// Stops the node (the test's connections to it break).
     pub async fn stop(&self) {
         assert!(self.ctl(&["stop"]).await, "cannot stop {}", self.name);
+    }
+
+    /// Sets the node's memory high watermark, a fraction of the machine's memory: a tiny
+    /// one (`0.0000001`) raises the memory alarm, which blocks every connection that
+    /// publishes; `0.4`, the default, lifts it.
+    pub async fn set_memory_watermark(&self, fraction: &str) {
+        assert!(
+            self.ctl(&["set_vm_memory_high_watermark", fraction]).await,
+            "cannot set the memory watermark of {}",
+            self.name
+        );
+    }
+
+    /// How many of the node's connections an alarm holds blocked (state `blocked` or
+    /// `blocking`).
+    pub async fn blocked_connections(&self) -> usize {
+        let listing = rabbitmqctl(
+            Some(&self.name),
+            &["list_connections", "-q", "--no-table-headers", "state"],
+        )
+        .await;
+        listing
+            .lines()
+            .filter(|state| matches!(state.trim(), "blocked" | "blocking"))
+            .count()
     }
 
     /// Runs `rabbitmqctl -n NODE ARGS`; returns whether it succeeded.
