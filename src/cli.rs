@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use crate::commands::receive::DEFAULT_MAX_BODY;
 use crate::config::DEFAULT_SIGNATURE_HEADER;
 
 /// courier: durable webhook delivery from RabbitMQ.
@@ -52,6 +53,10 @@ pub enum Command {
         /// The signature header to verify.
         #[arg(long, default_value = DEFAULT_SIGNATURE_HEADER)]
         header: String,
+        /// The largest body accepted, in bytes (a larger one is answered 413); the default
+        /// is the default `delivery.max_body_bytes`, 5 MiB.
+        #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_BODY)]
+        max_body: usize,
     },
 }
 

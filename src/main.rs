@@ -81,7 +81,15 @@ async fn dispatch(cli: Cli) -> u8 {
             listen,
             secret,
             header,
-        } => receive(*listen, secret.clone(), header.clone()).await,
+            max_body,
+        } => {
+            let options = commands::receive::ReceiveOptions {
+                secret: secret.clone(),
+                header: header.clone(),
+                max_body: *max_body,
+            };
+            receive(*listen, options).await
+        }
         command => match load(&cli) {
             Ok(settings) => {
                 if !matches!(command, Command::Check) {
@@ -209,13 +217,12 @@ async fn dlq(settings: &Settings, command: &DlqCommand) -> Result<Report, Failur
 /// `courier receive`: needs no configuration.
 async fn receive(
     listen: std::net::SocketAddr,
-    secret: Option<String>,
-    header: String,
+    options: commands::receive::ReceiveOptions,
 ) -> Result<Report, Failure> {
     telemetry::init("info", LogFormat::Text);
     let stop = CancellationToken::new();
     tokio::spawn(on_signal(stop.clone()));
-    commands::receive::run(listen, secret, header, stop)
+    commands::receive::run(listen, options, stop)
         .await
         .map_err(|e| Failure::runtime(format!("receive: {e}")))?;
     Ok(Report::default())

@@ -6,14 +6,16 @@ use std::sync::Arc;
 
 use secrecy::SecretString;
 
-use super::raw::RawAccount;
+use super::raw::{self, RawAccount};
 use super::validate::Validator;
 use super::{Account, ConfigError, HOLD_CAP, MAX_BATCH_SIZE, headers};
 
-/// An account's id for error messages, or its position (`#2`) when the id is missing.
+/// An account's id for error messages, or its position (`#2`) when the id is missing or
+/// not a valid id: an error never shows what was written instead of an id.
 pub(super) fn label(raw: &toml::Value, index: usize) -> String {
     raw.get("id")
         .and_then(toml::Value::as_str)
+        .filter(|id| crate::event::valid_account(id))
         .map(str::to_owned)
         .unwrap_or_else(|| format!("#{}", index + 1))
 }
@@ -32,17 +34,15 @@ pub(super) fn accounts(
     for (index, raw) in raw.into_iter().enumerate() {
         // The id first, so every later error can name the account.
         let label = label(&raw, index);
-        let raw: RawAccount = raw.try_into().map_err(|e: toml::de::Error| {
-            v.err("account", Some(&label), e.message().to_string())
-        })?;
+        let raw: RawAccount = raw::shape(v, "account", Some(&label), raw)?;
         let account = account(v, raw, &label)?;
         if account.batch_size > usize::from(prefetch) {
             return Err(v.err(
                 "broker.prefetch",
                 None,
                 format!(
-                    "({prefetch}) must be at least the largest batch_size ({} of account \"{}\")",
-                    account.batch_size, account.id
+                    "must be at least the largest batch_size (that of account \"{}\")",
+                    account.id
                 ),
             ));
         }

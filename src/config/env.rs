@@ -71,7 +71,8 @@ fn expand_str(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, S
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
             && !name.starts_with(|c: char| c.is_ascii_digit());
         if !valid {
-            return Err(format!("${{{name}}} is not a valid variable name"));
+            // What stands between the braces may be part of a value typed in the file.
+            return Err("a ${…} that is not a valid variable name".into());
         }
         let value = env(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
         out.push_str(&value);

@@ -7,6 +7,8 @@
 //! load(path) ── reads the file ──▶ parse(path, text, env)
 //!   raw.rs       TOML text → raw sections: serde shapes, unknown keys refused,
 //!                every default named once
+//!     shape.rs   the deserializer of those shapes: errors name the key and the
+//!                expected type, never the value
 //!     env.rs     `${VAR}` expanded in every string value first (hand-written: docs/design.md)
 //!   validate.rs  raw sections → typed Settings, once: durations, URLs, bounded
 //!                integers, secrets, the COURIER_AMQP_URL / COURIER_ADMIN_LISTEN overrides
@@ -23,6 +25,7 @@ mod env;
 mod error;
 mod headers;
 mod raw;
+mod shape;
 mod validate;
 
 use std::collections::HashMap;
@@ -162,10 +165,7 @@ impl BrokerUrl {
     pub fn parse(raw: &str) -> Result<Self, String> {
         let url = Url::parse(raw).map_err(|e| format!("not a valid URL: {e}"))?;
         if !matches!(url.scheme(), "amqp" | "amqps") {
-            return Err(format!(
-                "scheme must be amqp or amqps, not {:?}",
-                url.scheme()
-            ));
+            return Err("scheme must be amqp or amqps".into());
         }
         let host = url.host_str().ok_or("the URL has no host")?;
         if matches!(url.host(), Some(url::Host::Ipv6(_))) {

@@ -5,13 +5,14 @@
 //! out of range or malformed; `validate.rs` turns them into typed settings.
 
 use std::collections::HashMap;
+use std::fmt;
 
-use serde::Deserialize;
-use serde::de::DeserializeOwned;
+use serde::de::{self, DeserializeOwned, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 
 use super::error::ConfigError;
 use super::validate::Validator;
-use super::{DEFAULT_SIGNATURE_HEADER, LogFormat, env};
+use super::{DEFAULT_SIGNATURE_HEADER, LogFormat, env, shape};
 
 /// The whole file, each section deserialized on its own so an error names its section.
 pub(super) struct RawConfig {
@@ -33,17 +34,9 @@ pub(super) fn read(
     text: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<RawConfig, ConfigError> {
-    let mut root = toml::from_str::<toml::Table>(text).map_err(|e| {
-        v.err(
-            "(syntax)",
-            None,
-            e.message().to_string() + &location(text, &e),
-        )
-    })?;
+    let mut root = syntax(v, text)?;
     env::expand(v, &mut root, env)?;
-    let top: RawTop = toml::Value::Table(root)
-        .try_into()
-        .map_err(|e: toml::de::Error| v.err("(top level)", None, e.message().to_string()))?;
+    let top: RawTop = shape(v, "", None, toml::Value::Table(root))?;
     Ok(RawConfig {
         shutdown_timeout: top.shutdown_timeout,
         broker: section(v, "broker", top.broker)?,
@@ -56,16 +49,40 @@ pub(super) fn read(
     })
 }
 
+/// The TOML tree of `text`. The grammar is checked first, on its own: its messages
+/// describe the syntax only. What can fail after it is a number out of range, and toml's
+/// message for that quotes the number, so it gets a message of ours.
+fn syntax(v: &Validator, text: &str) -> Result<toml::Table, ConfigError> {
+    let refused = |message: &str, e: &toml::de::Error| {
+        v.err("(syntax)", None, format!("{message}{}", location(text, e)))
+    };
+    toml::de::DeTable::parse(text).map_err(|e| refused(e.message(), &e))?;
+    toml::from_str(text).map_err(|e| refused("a number is out of range", &e))
+}
+
+/// Deserializes `value`, found at `key` (of `account`); an error names the key below it
+/// and the type expected there (shape.rs).
+pub(super) fn shape<T: DeserializeOwned>(
+    v: &Validator,
+    key: &str,
+    account: Option<&str>,
+    value: toml::Value,
+) -> Result<T, ConfigError> {
+    shape::from_value(value).map_err(|e| {
+        let key = e.key(key);
+        let key = if key.is_empty() { "(top level)" } else { &key };
+        v.err(key, account, e.message)
+    })
+}
+
 /// One section; a missing one is all defaults.
 fn section<T: DeserializeOwned>(
     v: &Validator,
     name: &str,
     value: Option<toml::Value>,
 ) -> Result<T, ConfigError> {
-    value
-        .unwrap_or_else(|| toml::Value::Table(toml::Table::new()))
-        .try_into()
-        .map_err(|e: toml::de::Error| v.err(name, None, e.message().to_string()))
+    let value = value.unwrap_or_else(|| toml::Value::Table(toml::Table::new()));
+    shape(v, name, None, value)
 }
 
 /// A toml error's line, for syntax errors.
@@ -99,11 +116,36 @@ fn default_shutdown_timeout() -> String {
 }
 
 /// `broker.url`: one node or the nodes of a cluster.
-#[derive(Deserialize)]
-#[serde(untagged)]
 pub(super) enum OneOrMany {
     One(String),
     Many(Vec<String>),
+}
+
+/// By hand rather than `#[serde(untagged)]`, whose error names neither form.
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Urls;
+        impl<'de> Visitor<'de> for Urls {
+            type Value = OneOrMany;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string or an array of strings")
+            }
+
+            fn visit_str<E: de::Error>(self, url: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany::One(url.to_owned()))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<OneOrMany, A::Error> {
+                let mut urls = Vec::new();
+                while let Some(url) = seq.next_element()? {
+                    urls.push(url);
+                }
+                Ok(OneOrMany::Many(urls))
+            }
+        }
+        deserializer.deserialize_any(Urls)
+    }
 }
 
 /// `[broker]`.

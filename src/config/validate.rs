@@ -105,11 +105,11 @@ fn delivery(
                 "\"per_record\" is not supported yet",
             ));
         }
-        other => {
+        _ => {
             return Err(v.err(
                 "delivery.ordering",
                 None,
-                format!("must be \"none\" or \"per_record\", not {other:?}"),
+                "must be \"none\" or \"per_record\"",
             ));
         }
     }
@@ -126,7 +126,7 @@ fn delivery(
         return Err(v.err(
             "delivery.max_body_bytes",
             None,
-            format!("must be at least broker.max_event_bytes ({max_event_bytes})"),
+            "must be at least broker.max_event_bytes",
         ));
     }
     let timeout = v.duration("delivery.timeout", None, &raw.timeout)?;
@@ -178,20 +178,28 @@ fn retry(v: &Validator, raw: RawRetry) -> Result<RetrySettings, ConfigError> {
 /// `retry.schedule`: whole milliseconds, strictly increasing, none repeated.
 fn schedule(v: &Validator, raw: &[String]) -> Result<Vec<Duration>, ConfigError> {
     let mut schedule = Vec::with_capacity(raw.len());
-    for raw in raw {
-        let delay = v.parse_duration("retry.schedule", None, raw)?;
+    for (index, raw) in raw.iter().enumerate() {
+        // Delays are named by position: an error never shows a value.
+        let nth = index + 1;
+        let delay = v.parse_duration("retry.schedule", None, raw).map_err(|e| {
+            v.err(
+                "retry.schedule",
+                None,
+                format!("delay {nth}: {}", e.message),
+            )
+        })?;
         if delay < Duration::from_millis(1) || delay.subsec_nanos() % 1_000_000 != 0 {
             return Err(v.err(
                 "retry.schedule",
                 None,
-                format!("{raw:?} must be whole milliseconds, at least 1ms"),
+                format!("delay {nth} must be whole milliseconds, at least 1ms"),
             ));
         }
         if schedule.contains(&delay) {
             return Err(v.err(
                 "retry.schedule",
                 None,
-                format!("the delay {raw:?} is repeated"),
+                format!("delay {nth} repeats an earlier one"),
             ));
         }
         if schedule.last().is_some_and(|last| *last > delay) {
@@ -228,15 +236,16 @@ fn admin(
     raw: RawAdmin,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<AdminSettings, ConfigError> {
-    let listen = env("COURIER_ADMIN_LISTEN")
-        .filter(|s| !s.is_empty())
-        .unwrap_or(raw.listen);
+    let (listen, from) = match env("COURIER_ADMIN_LISTEN").filter(|s| !s.is_empty()) {
+        Some(listen) => (listen, " (it comes from COURIER_ADMIN_LISTEN)"),
+        None => (raw.listen, ""),
+    };
     Ok(AdminSettings {
         listen: listen.parse().map_err(|_| {
             v.err(
                 "admin.listen",
                 None,
-                format!("{listen:?} is not an address:port"),
+                format!("is not an address:port such as 127.0.0.1:9464{from}"),
             )
         })?,
     })
@@ -244,11 +253,7 @@ fn admin(
 
 fn log(v: &Validator, raw: RawLog) -> Result<LogSettings, ConfigError> {
     if tracing_subscriber::EnvFilter::try_new(&raw.level).is_err() {
-        return Err(v.err(
-            "log.level",
-            None,
-            format!("{:?} is not a log level or filter", raw.level),
-        ));
+        return Err(v.err("log.level", None, "is not a log level or filter"));
     }
     Ok(LogSettings {
         level: raw.level,
@@ -284,10 +289,24 @@ impl<'a> Validator<'a> {
         raw: &str,
     ) -> Result<Duration, ConfigError> {
         humantime::parse_duration(raw).map_err(|e| {
+            // humantime's own message quotes the input.
+            let what = match e {
+                humantime::DurationError::Empty => "it is empty".to_owned(),
+                humantime::DurationError::NumberOverflow => "its number is too large".to_owned(),
+                humantime::DurationError::InvalidCharacter(at) => {
+                    format!("an invalid character at byte {at}")
+                }
+                humantime::DurationError::NumberExpected(at) => {
+                    format!("a number expected at byte {at}")
+                }
+                humantime::DurationError::UnknownUnit { start, .. } => {
+                    format!("an unknown unit at byte {start}")
+                }
+            };
             self.err(
                 key,
                 account,
-                format!("{raw:?} is not a duration like \"500ms\" or \"30s\": {e}"),
+                format!("is not a duration like \"500ms\" or \"30s\": {what}"),
             )
         })
     }
@@ -319,11 +338,7 @@ impl<'a> Validator<'a> {
             _ => Err(self.err(
                 key,
                 account,
-                format!(
-                    "{value} is out of range {}..={}",
-                    range.start(),
-                    range.end()
-                ),
+                format!("is out of range {}..={}", range.start(), range.end()),
             )),
         }
     }
@@ -340,8 +355,7 @@ impl<'a> Validator<'a> {
     ) -> Result<(), ConfigError> {
         if value > max {
             let message = format!(
-                "{} is longer than {}: messages would sit unacknowledged near the broker's consumer_timeout",
-                humantime::format_duration(value),
+                "may be at most {}: messages would sit unacknowledged near the broker's consumer_timeout",
                 humantime::format_duration(max)
             );
             return Err(self.err(key, account, message));
@@ -354,11 +368,7 @@ impl<'a> Validator<'a> {
         let url = Url::parse(raw)
             .map_err(|e| self.err(key, Some(account), format!("not a valid URL: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(self.err(
-                key,
-                Some(account),
-                format!("must be http or https, not {:?}", url.scheme()),
-            ));
+            return Err(self.err(key, Some(account), "must be an http or https URL"));
         }
         if url.host().is_none() {
             return Err(self.err(key, Some(account), "the URL has no host"));
@@ -461,7 +471,7 @@ mod tests {
                 "account.contacts_url",
                 Some("acme"),
             ),
-            ("colour = \"blue\"", "account", Some("acme")),
+            ("colour = \"blue\"", "account.colour", Some("acme")),
             (
                 "standard_webhooks_secret = \"whsec_AAAA\"",
                 "account.standard_webhooks_secret",
@@ -508,8 +518,8 @@ mod tests {
         ));
         assert_eq!(schedule.key, "retry.schedule");
         let unknown = error_of(&format!("[delivery]\nspeed = 1\n{MINIMAL}"));
-        assert_eq!(unknown.key, "delivery");
-        assert!(unknown.message.contains("speed"), "{unknown}");
+        assert_eq!(unknown.key, "delivery.speed");
+        assert!(unknown.message.contains("unknown key"), "{unknown}");
         let ordering = error_of(&format!("[delivery]\nordering = \"per_record\"\n{MINIMAL}"));
         assert!(ordering.message.contains("not supported yet"));
         let prefetch = error_of(&format!(
@@ -523,10 +533,10 @@ mod tests {
     fn bounded_integers_name_their_range() {
         let prefetch = error_of(&MINIMAL.replace("[broker]", "[broker]\nprefetch = 70000"));
         assert_eq!(prefetch.key, "broker.prefetch");
-        assert_eq!(prefetch.message, "70000 is out of range 1..=65535");
+        assert_eq!(prefetch.message, "is out of range 1..=65535");
         let negative = error_of(&format!("[circuit]\nfailure_threshold = -1\n{MINIMAL}"));
         assert_eq!(negative.key, "circuit.failure_threshold");
-        assert_eq!(negative.message, "-1 is out of range 1..=1000000");
+        assert_eq!(negative.message, "is out of range 1..=1000000");
         let zero = error_of(&format!("[retry]\nmax_age = \"0s\"\n{MINIMAL}"));
         assert_eq!(zero.key, "retry.max_age");
         assert_eq!(zero.message, "must be longer than zero");

@@ -131,6 +131,111 @@ fn config_errors_exit_2_naming_the_key() {
     assert_eq!(code, 2, "usage errors exit 2");
 }
 
+/// The value of `${IT_TOKEN}` in the leak tests: letters only, so that it also passes for a
+/// URL scheme or a duration unit, where the old messages quoted it.
+const IT_TOKEN: &str = "itTokenSecretValue";
+
+/// Whether `text` shows the token or the number that the leak tests write into the file.
+fn leaks(text: &str) -> bool {
+    text.to_lowercase().contains(&IT_TOKEN.to_lowercase()) || text.contains("1234567890")
+}
+
+#[test]
+fn config_errors_name_file_key_and_account_but_never_the_value() {
+    let cases = [
+        (
+            "headers = { X-Api-Key = 1234567890 }",
+            "account.headers.X-Api-Key",
+            "expected a string",
+        ),
+        (
+            "headers = \"${IT_TOKEN}\"",
+            "account.headers",
+            "expected a table",
+        ),
+        (
+            "batch_size = \"${IT_TOKEN}\"",
+            "account.batch_size",
+            "expected an integer",
+        ),
+        (
+            "flush_interval = \"5 ${IT_TOKEN}\"",
+            "account.flush_interval",
+            "duration",
+        ),
+        (
+            "contacts_url = \"${IT_TOKEN}:x\"",
+            "account.contacts_url",
+            "http or https",
+        ),
+    ];
+    for (line, key, expected) in cases {
+        let path = write_config(&format!("{GOOD}{line}\n"));
+        let (code, stdout, stderr) = output(
+            courier(&["check", "--config", path.to_str().unwrap()]).env("IT_TOKEN", IT_TOKEN),
+        );
+        assert_eq!(code, 2, "config should be refused: {line}");
+        for named in [path.to_str().unwrap(), key, "account \"acme\"", expected] {
+            assert!(stderr.contains(named), "{line}: {named} not in {stderr}");
+        }
+        assert!(!leaks(&stderr) && !leaks(&stdout), "{line}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn a_refused_reload_logs_the_key_but_never_the_value() {
+    let names = Names::new();
+    let _broker = Broker::connect(&names, &["30s"]).await;
+    let spec = ConfigSpec {
+        accounts: "[[account]]\nid = \"acme\"\ncompanies_url = \"http://127.0.0.1:9/\"\n".into(),
+        ..Default::default()
+    };
+    let text = config_text(&names, &spec);
+    let path = write_config(&text);
+    let log = path.with_file_name("courier.log");
+    let Running {
+        proc: mut child,
+        admin,
+    } = start_run(
+        courier(&["run", "--config", path.to_str().unwrap()]).env("IT_TOKEN", IT_TOKEN),
+        &log,
+    )
+    .await;
+    for line in [
+        "headers = { X-Api-Key = 1234567890 }",
+        "headers = \"${IT_TOKEN}\"",
+    ] {
+        std::fs::write(&path, format!("{text}{line}\n")).unwrap();
+        let before = reloads_refused(admin).await;
+        sighup(&child.0);
+        assert!(
+            eventually_async(Duration::from_secs(10), || async {
+                reloads_refused(admin).await > before
+            })
+            .await,
+            "{line}: the reload was not refused"
+        );
+    }
+    sigterm(&child.0);
+    assert_eq!(
+        wait_exit(&mut child.0, Duration::from_secs(20)).await,
+        Some(0)
+    );
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("account.headers.X-Api-Key"), "{logged}");
+    assert!(logged.contains("expected a table"), "{logged}");
+    assert!(!leaks(&logged), "{logged}");
+}
+
+/// `courier_config_reloads_total{result="error"}` of the worker on `admin`.
+async fn reloads_refused(admin: u16) -> f64 {
+    metric_value(
+        &http_get(admin, "/metrics").await.1,
+        "courier_config_reloads_total",
+        &[("result", "error")],
+    )
+}
+
 #[tokio::test]
 async fn an_existing_queue_with_other_arguments_exits_1_naming_it() {
     let names = Names::new();
@@ -403,24 +508,84 @@ async fn publish_validates_the_whole_file_first() {
     assert_eq!(ids, vec!["p0", "p1", "p2", "p3", "p4"], "file order");
 }
 
+/// A `courier receive --listen 127.0.0.1:0 ARGS` subprocess and the address it bound.
+struct Receive {
+    child: Proc,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    addr: String,
+}
+
+impl Receive {
+    fn start(args: &[&str]) -> Self {
+        let mut cmd = courier(&["receive", "--listen", "127.0.0.1:0"]);
+        let mut child = Proc(
+            cmd.args(args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        // The first line names the address it bound.
+        let mut stdout = std::io::BufReader::new(child.0.stdout.take().unwrap());
+        let mut first = String::new();
+        std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+        let addr = first
+            .split("http://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no address in {first:?}"))
+            .to_owned();
+        Self {
+            child,
+            stdout,
+            addr,
+        }
+    }
+
+    /// POSTs `len` bytes to `path`; the status of the answer.
+    async fn post(&self, path: &str, len: usize) -> u16 {
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let url = format!("http://{}{path}", self.addr);
+        let answer = client.post(url).body(vec![b'x'; len]).send().await;
+        answer.unwrap().status().as_u16()
+    }
+
+    /// Stops the receiver and returns the lines it printed after the first.
+    fn stop(mut self) -> String {
+        sigterm(&self.child.0);
+        let _ = self.child.0.wait();
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut self.stdout, &mut out).unwrap();
+        out
+    }
+}
+
+#[tokio::test]
+async fn receive_accepts_what_courier_sends_and_answers_413_over_max_body() {
+    // 3 MB: more than the old fixed limit, less than the default max_body_bytes.
+    let receive = Receive::start(&[]);
+    assert_eq!(receive.post("/big", 3_000_000).await, 200);
+    let out = receive.stop();
+    assert!(
+        out.contains("POST /big 200") && out.contains("bytes=3000000"),
+        "{out}"
+    );
+
+    let receive = Receive::start(&["--max-body", "1000"]);
+    assert_eq!(receive.post("/small", 2000).await, 413);
+    assert_eq!(receive.post("/small", 1000).await, 200);
+    let out = receive.stop();
+    assert!(
+        out.contains("POST /small 413 over the --max-body limit of 1000 bytes"),
+        "{out}"
+    );
+    assert!(out.contains("POST /small 200"), "{out}");
+}
+
 #[tokio::test]
 async fn receive_verifies_signatures() {
-    let mut child = Proc(
-        courier(&["receive", "--listen", "127.0.0.1:0", "--secret", "abc"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    // The first line names the address it bound.
-    let mut stdout = std::io::BufReader::new(child.0.stdout.take().unwrap());
-    let mut first = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
-    let addr = first
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no address in {first:?}"));
+    let receive = Receive::start(&["--secret", "abc"]);
+    let addr = receive.addr.clone();
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let body = br#"[{"id":"1"},{"id":"2"}]"#;
     let url = format!("http://{addr}/any/path");
@@ -443,10 +608,7 @@ async fn receive_verifies_signatures() {
         .await
         .unwrap();
     assert_eq!(bad.status().as_u16(), 401);
-    sigterm(&child.0);
-    let _ = child.0.wait();
-    let mut out = String::new();
-    std::io::Read::read_to_string(&mut stdout, &mut out).unwrap();
+    let out = receive.stop();
     assert!(
         out.contains("POST /any/path 200 events=2") && out.contains("sig=ok"),
         "{out}"
