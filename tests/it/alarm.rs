@@ -220,10 +220,13 @@ async fn a_publish_to_a_blocked_broker_ends_by_its_deadline_and_reconnects_once(
         .await
         .expect("publisher");
     let queue = names.deliver();
+    // Bodies of 1 MiB: the socket's buffers fill, so the write itself waits for the
+    // broker (a small body would be written and only its confirm would wait).
     let publish = |id: String, within: Duration| {
         let (publisher, queue) = (&publisher, &queue);
         async move {
-            let body = event(&id, "acme", "company");
+            let mut body = event(&id, "acme", "company");
+            body.resize(1 << 20, b' ');
             let properties = BasicProperties::default().with_delivery_mode(2);
             let deadline = Instant::now() + within;
             publisher
