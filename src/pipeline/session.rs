@@ -37,7 +37,9 @@ impl Tasks {
 
     /// Runs `work` until it ends or the session is cancelled, whichever is first.
     pub fn spawn(&self, work: impl Future<Output = ()> + Send + 'static) {
-        let cancel = self.cancel.clone();
+        // A child token per task: polling a shared token's `cancelled()` takes the lock
+        // of its one waiter list on every wake of every task.
+        let cancel = self.cancel.child_token();
         self.tracker.spawn(async move {
             tokio::select! {
                 biased;
