@@ -297,6 +297,9 @@ impl PartialEq<str> for Key<'_> {
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use std::cell::Cell;
 
