@@ -433,6 +433,19 @@ mod tests {
     }
 
     #[test]
+    fn deep_nesting_is_skipped_without_recursion() {
+        // Half a million levels fill 1 MiB; a recursive skip would overflow the stack.
+        let depth = 500_000;
+        let (open, close) = ("[".repeat(depth), "]".repeat(depth));
+        let deep = GOOD.replace("[1,2]", &format!("{open}{close}"));
+        assert!(parse(deep.as_bytes(), 1 << 20).is_ok());
+        let unclosed = GOOD.replace("[1,2]", &open);
+        assert!(reason(&unclosed).contains("expected value"));
+        let in_a_field = GOOD.replace("\"e1\"", &format!("{open}{close}"));
+        assert!(reason(&in_a_field).starts_with("field `id`: invalid type"));
+    }
+
+    #[test]
     fn escaped_duplicate_keys_are_caught() {
         let body = GOOD.replace("\"extra\"", "\"\\u0069d\"");
         assert!(reason(&body).contains("duplicate field `id`"));
