@@ -6,6 +6,7 @@
 //! receiver gets.
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 use std::fmt;
 
 use chrono::{DateTime, FixedOffset};
@@ -203,29 +204,28 @@ impl<'de> Visitor<'de> for RawVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut raw = Raw::default();
-        // Top-level objects are small: a linear scan beats hashing here.
-        let mut seen: Vec<Cow<'de, str>> = Vec::with_capacity(12);
+        let mut seen = SeenKeys::default();
         while let Some(CowStr(key)) = map.next_key::<CowStr<'de>>()? {
-            if seen.contains(&key) {
-                return Err(de::Error::custom(format_args!("duplicate field `{key}`")));
-            }
-            let slot = match key.as_ref() {
-                "id" => Some(&mut raw.id),
-                "account" => Some(&mut raw.account),
-                "type" => Some(&mut raw.kind),
-                "action" => Some(&mut raw.action),
-                "record_id" => Some(&mut raw.record_id),
-                "occurred_at" => Some(&mut raw.occurred_at),
-                _ => None,
+            let (name, slot) = match key.as_ref() {
+                "id" => ("id", Some(&mut raw.id)),
+                "account" => ("account", Some(&mut raw.account)),
+                "type" => ("type", Some(&mut raw.kind)),
+                "action" => ("action", Some(&mut raw.action)),
+                "record_id" => ("record_id", Some(&mut raw.record_id)),
+                "occurred_at" => ("occurred_at", Some(&mut raw.occurred_at)),
+                "record" => ("record", None),
+                _ => ("", None),
             };
+            seen.insert(key)
+                .map_err(|Key(key)| de::Error::custom(format_args!("duplicate field `{key}`")))?;
             match slot {
                 Some(slot) => {
                     let value = map
                         .next_value::<CowStr<'de>>()
-                        .map_err(|e| de::Error::custom(format_args!("field `{key}`: {e}")))?;
+                        .map_err(|e| de::Error::custom(format_args!("field `{name}`: {e}")))?;
                     *slot = Some(value.0);
                 }
-                None if key == "record" => {
+                None if name == "record" => {
                     map.next_value::<AnyObject>()
                         .map_err(|e| de::Error::custom(format_args!("field `record`: {e}")))?;
                     raw.record = true;
@@ -234,17 +234,134 @@ impl<'de> Visitor<'de> for RawVisitor {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
-            seen.push(key);
         }
         Ok(raw)
     }
 }
 
+/// The top-level keys read so far, decoded (so `"\u0069d"` repeats `"id"`). Ordinary
+/// events have a dozen keys, which a linear scan checks fastest; past [`SeenKeys::SCAN`]
+/// keys they move into a hash set, so an event of any number of keys is checked in
+/// linear time (docs/performance.md, "Parsing hostile input").
+#[derive(Default)]
+struct SeenKeys<'de> {
+    few: Vec<Key<'de>>,
+    many: HashSet<Key<'de>>,
+}
+
+impl<'de> SeenKeys<'de> {
+    /// The most keys kept in the linear list.
+    const SCAN: usize = 16;
+
+    /// Adds `key`, or gives back the equal key seen before.
+    fn insert(&mut self, key: Cow<'de, str>) -> Result<(), Key<'de>> {
+        let key = Key(key);
+        if self.many.is_empty() {
+            if let Some(at) = self.few.iter().position(|seen| *seen == key) {
+                return Err(self.few.swap_remove(at));
+            }
+            if self.few.len() < Self::SCAN {
+                self.few.push(key);
+                return Ok(());
+            }
+            self.many.reserve(4 * Self::SCAN);
+            self.many.extend(self.few.drain(..));
+        }
+        // One lookup: `replace` hands back the key it displaced, if any.
+        match self.many.replace(key) {
+            None => Ok(()),
+            Some(seen) => Err(seen),
+        }
+    }
+}
+
+/// A decoded top-level key. Its comparisons are counted in tests, which is how the tests
+/// show the duplicate check is linear without timing it.
+#[derive(Hash)]
+struct Key<'de>(Cow<'de, str>);
+
+impl PartialEq for Key<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        *self == *other.0
+    }
+}
+
+impl Eq for Key<'_> {}
+
+impl PartialEq<str> for Key<'_> {
+    fn eq(&self, other: &str) -> bool {
+        #[cfg(test)]
+        tests::KEY_COMPARISONS.with(|n| n.set(n.get() + 1));
+        self.0 == other
+    }
+}
+
+#[cfg(test)]
+mod proptests;
+
 #[cfg(test)]
 mod tests {
+    use std::cell::Cell;
+
     use super::*;
 
+    thread_local! {
+        /// Comparisons of two top-level keys made on this thread.
+        pub(super) static KEY_COMPARISONS: Cell<u64> = const { Cell::new(0) };
+    }
+
     const GOOD: &str = r#"{"id":"e1","account":"acme","type":"company","action":"created","record_id":"r1","occurred_at":"2026-01-02T03:04:05+02:00","record":{"name":"Acme"},"extra":[1,2]}"#;
+
+    /// `GOOD` with `extra` top-level keys `"k0":0,"k1":0,...` before its closing brace,
+    /// then `last` (e.g. `,"k7":1`).
+    fn with_keys(extra: usize, last: &str) -> String {
+        let mut body = GOOD.trim_end_matches('}').to_owned();
+        for i in 0..extra {
+            body.push_str(&format!(",\"k{i}\":0"));
+        }
+        body.push_str(last);
+        body.push('}');
+        body
+    }
+
+    /// Parses `body` and returns the key comparisons it took.
+    fn comparisons(body: &str) -> (Result<(), InvalidEvent>, u64) {
+        KEY_COMPARISONS.with(|n| n.set(0));
+        let result = parse(body.as_bytes(), 1 << 20).map(|_| ());
+        (result, KEY_COMPARISONS.with(Cell::get))
+    }
+
+    #[test]
+    fn the_duplicate_check_is_linear_in_the_number_of_keys() {
+        // A scan of every earlier key makes n(n-1)/2 comparisons: 12.5 million here.
+        let keys = 5_000;
+        let (result, n) = comparisons(&with_keys(keys, ""));
+        assert!(result.is_ok(), "{result:?}");
+        assert!(
+            n <= 2 * keys as u64,
+            "{n} key comparisons for {keys} keys: the check is not linear"
+        );
+        // An ordinary event stays on the short linear scan.
+        let (result, n) = comparisons(GOOD);
+        assert!(result.is_ok());
+        assert!(n <= 8 * 9 / 2, "{n} comparisons for 8 keys");
+    }
+
+    #[test]
+    fn duplicates_among_many_keys_are_caught_however_spelled() {
+        // `\u0035` is `5`: the same key as `k50`, and well past the linear scan.
+        let (result, _) = comparisons(&with_keys(100, r#","k\u00350":1"#));
+        assert!(result.unwrap_err().0.starts_with("duplicate field `k50` "));
+        let (result, _) = comparisons(&with_keys(100, r#","\u0069d":"e2""#));
+        assert!(result.unwrap_err().0.starts_with("duplicate field `id` "));
+        let (result, _) = comparisons(&with_keys(100, r#","record":{}"#));
+        assert!(
+            result
+                .unwrap_err()
+                .0
+                .starts_with("duplicate field `record` ")
+        );
+    }
 
     fn reason(body: &str) -> String {
         parse(body.as_bytes(), 1 << 20)
@@ -313,6 +430,19 @@ mod tests {
             let got = reason(body);
             assert!(got.contains(expected), "{body}: {got:?} lacks {expected:?}");
         }
+    }
+
+    #[test]
+    fn deep_nesting_is_skipped_without_recursion() {
+        // Half a million levels fill 1 MiB; a recursive skip would overflow the stack.
+        let depth = 500_000;
+        let (open, close) = ("[".repeat(depth), "]".repeat(depth));
+        let deep = GOOD.replace("[1,2]", &format!("{open}{close}"));
+        assert!(parse(deep.as_bytes(), 1 << 20).is_ok());
+        let unclosed = GOOD.replace("[1,2]", &open);
+        assert!(reason(&unclosed).contains("expected value"));
+        let in_a_field = GOOD.replace("\"e1\"", &format!("{open}{close}"));
+        assert!(reason(&in_a_field).starts_with("field `id`: invalid type"));
     }
 
     #[test]

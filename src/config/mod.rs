@@ -359,6 +359,9 @@ pub(crate) mod testing {
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::testing::{MINIMAL, parse_with};
     use super::*;
