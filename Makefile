@@ -44,6 +44,7 @@ test: ensure-rabbitmq
 bench: ensure-rabbitmq
 	@bash scripts/bench.sh
 	$(CARGO) bench --bench pipeline
+	$(CARGO) bench --bench hostile
 
 check lint: fmt clippy
 
