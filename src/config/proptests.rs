@@ -51,7 +51,7 @@ fn parse_checked(text: &str, vars: &HashMap<String, String>) -> Result<(), Confi
 
 /// The error names the file and a key: one of the file's sections or top-level keys, or
 /// a key as the text wrote it (an unknown one is named so that it can be found).
-fn assert_names_a_key(e: &ConfigError, text: &str) {
+fn assert_names_a_key(e: &ConfigError, source: &str) {
     let text = e.to_string();
     assert!(
         text.starts_with(&format!("test.toml: {}", e.key)),
@@ -59,7 +59,7 @@ fn assert_names_a_key(e: &ConfigError, text: &str) {
     );
     let first = e.key.split('.').next().unwrap_or_default();
     assert!(
-        FIRST_SEGMENTS.contains(&first) || (!first.is_empty() && text.contains(first)),
+        FIRST_SEGMENTS.contains(&first) || (!first.is_empty() && source.contains(first)),
         "{text:?}: {:?} is not a key of the file",
         e.key
     );
