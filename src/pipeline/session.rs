@@ -13,6 +13,7 @@ use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use tokio::task::JoinHandle;
+use tokio_util::future::FutureExt as _;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -38,15 +39,12 @@ impl Tasks {
     /// Runs `work` until it ends or the session is cancelled, whichever is first.
     pub fn spawn(&self, work: impl Future<Output = ()> + Send + 'static) {
         // A child token per task: polling a shared token's `cancelled()` takes the lock
-        // of its one waiter list on every wake of every task.
+        // of its one waiter list on every wake of every task. The combinator holds `work`
+        // once; an `async` wrapper would hold it twice (before and after it is pinned),
+        // which doubles the memory of every waiting task.
         let cancel = self.cancel.child_token();
-        self.tracker.spawn(async move {
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => {}
-                _ = work => {}
-            }
-        });
+        self.tracker
+            .spawn(work.with_cancellation_token_owned(cancel));
     }
 
     /// Cancelled when the session ends.
