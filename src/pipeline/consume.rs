@@ -49,7 +49,7 @@ type Flush = Flushed<Key, (Arc<Live>, Arc<Account>), Pending>;
 pub async fn consume(
     intake: &mut Intake,
     session: &mut Session,
-    cx: &Context,
+    cx: &Arc<Context>,
     shutdown: &CancellationToken,
 ) -> Ended {
     let prefetch = intake.live.settings.broker.prefetch as usize;
@@ -124,7 +124,12 @@ fn reloaded(intake: &mut Intake) {
 }
 
 /// Routes one delivery into its open batch, or settles it at once.
-fn accept(intake: &mut Intake, open: &mut Open, cx: &Context, delivery: lapin::message::Delivery) {
+fn accept(
+    intake: &mut Intake,
+    open: &mut Open,
+    cx: &Arc<Context>,
+    delivery: lapin::message::Delivery,
+) {
     let Intake {
         live,
         destinations,
@@ -147,7 +152,7 @@ fn accept(intake: &mut Intake, open: &mut Open, cx: &Context, delivery: lapin::m
 }
 
 /// Starts the delivery task of a flushed batch.
-fn dispatch(cx: &Context, destinations: &mut HashMap<Key, Arc<Semaphore>>, flushed: Flush) {
+fn dispatch(cx: &Arc<Context>, destinations: &mut HashMap<Key, Arc<Semaphore>>, flushed: Flush) {
     let (live, account) = flushed.ctx;
     let limit = live.settings.delivery.max_inflight_per_destination;
     let destination = destinations
@@ -175,14 +180,21 @@ fn dispatch(cx: &Context, destinations: &mut HashMap<Key, Arc<Semaphore>>, flush
 /// task of its own (dead letter).
 fn route(
     live: &Live,
-    cx: &Context,
+    cx: &Arc<Context>,
     warnings: &mut Warnings,
     delivery: lapin::message::Delivery,
 ) -> Option<(Key, Arc<Account>, Pending)> {
     let settings = &live.settings;
-    let trail = Trail::of_delivery(delivery.exchange.as_str(), &delivery.properties);
+    let lapin::message::Delivery {
+        delivery_tag: tag,
+        exchange,
+        data,
+        properties,
+        ..
+    } = delivery;
+    let trail = Trail::of_delivery(exchange.as_str(), &properties);
     let first_seen = trail.first_seen.unwrap_or_else(SystemTime::now);
-    let parsed = event::parse(&delivery.data, settings.broker.max_event_bytes).map(|e| {
+    let parsed = event::parse(&data, settings.broker.max_event_bytes).map(|e| {
         (
             e.id.into_owned(),
             e.account.into_owned(),
@@ -190,33 +202,33 @@ fn route(
             e.occurred_at,
         )
     });
-    // What a warning about an invalid event may show of it.
-    let label = match delivery.properties.message_id() {
-        Some(id) => id.to_string(),
-        None => format!("(delivery {})", delivery.delivery_tag),
-    };
-    let pending = |id: String, lag_from| Pending {
-        body: delivery.data.into(),
+    let pending = |id: String, lag_from, properties| Pending {
+        body: data.into(),
         id,
         lag_from,
         first_seen,
         consumed_at: Instant::now(),
-        properties: delivery.properties,
+        properties,
         trail,
-        tag: delivery.delivery_tag,
+        tag,
     };
     let (id, account_id, kind, occurred_at) = match parsed {
         Ok(parsed) => parsed,
         Err(invalid) => {
+            // What a warning about an invalid event may show of it.
+            let label = match properties.message_id() {
+                Some(id) => id.to_string(),
+                None => format!("(delivery {tag})"),
+            };
             let line = warnings.note(Kind::InvalidEvent, &label, &invalid.0, Instant::now());
             line.iter().for_each(|line| line.log());
             let dead = dead_letter("invalid_event", "", "", invalid.0);
-            spawn_dead_letter(cx, pending(String::new(), first_seen), dead);
+            spawn_dead_letter(cx, pending(String::new(), first_seen, properties), dead);
             return None;
         }
     };
     let lag_from = occurred_at.map(SystemTime::from).unwrap_or(first_seen);
-    let item = pending(id, lag_from);
+    let item = pending(id, lag_from, properties);
     let Some(account) = settings.accounts.get(&account_id) else {
         let error = format!("account {account_id:?} is not configured");
         let line = warnings.note(Kind::UnknownAccount, &item.id, &error, Instant::now());
@@ -247,7 +259,7 @@ fn dead_letter(reason: &str, account: &str, kind: &str, error: String) -> DeadLe
     }
 }
 
-fn spawn_dead_letter(cx: &Context, item: Pending, dead: DeadLetter) {
+fn spawn_dead_letter(cx: &Arc<Context>, item: Pending, dead: DeadLetter) {
     let settle = cx.settle.clone();
     cx.tasks
         .spawn(async move { settle.dead_letter(item, &dead).await });

@@ -47,8 +47,7 @@ pub struct Batch {
     pub destination: Arc<Semaphore>,
 }
 
-/// What a delivery task works with.
-#[derive(Clone)]
+/// What a delivery task works with: one per session, shared by its tasks.
 pub struct Context {
     pub shared: Arc<Deliveries>,
     pub settle: Settler,
@@ -56,12 +55,12 @@ pub struct Context {
 }
 
 /// Starts the delivery task of `batch` in its session.
-pub fn spawn(cx: &Context, batch: Batch) {
+pub fn spawn(cx: &Arc<Context>, batch: Batch) {
     cx.tasks.spawn(deliver(cx.clone(), batch));
 }
 
 /// Delivers one batch: immediate attempts with backoff, then settlement.
-async fn deliver(cx: Context, batch: Batch) {
+async fn deliver(cx: Arc<Context>, batch: Batch) {
     let key: Key = (batch.account.id.clone(), batch.kind);
     let url = batch
         .account
@@ -94,7 +93,9 @@ async fn deliver(cx: Context, batch: Batch) {
             attempt,
             event_count: batch.items.len(),
         };
-        let attempted = cx.attempt(&batch, &live, request, hold_deadline).await;
+        let attempted = cx
+            .attempt(&batch, &key, &live, request, hold_deadline)
+            .await;
         let progress = Progress {
             attempt,
             events: batch.items.len(),
@@ -126,6 +127,7 @@ impl Context {
     async fn attempt(
         &self,
         batch: &Batch,
+        key: &Key,
         live: &Live,
         request: Request<'_>,
         hold_deadline: Instant,
@@ -139,15 +141,14 @@ impl Context {
         let Ok(_slots) = slots else {
             return Attempted::NoSlot;
         };
-        let key: Key = (batch.account.id.clone(), batch.kind);
-        let admission = self.admit(&key);
+        let admission = self.admit(key);
         if admission == Admission::Refuse {
             return Attempted::CircuitOpen;
         }
-        let probe = ProbeGuard::new(&self.shared, &key, admission);
-        let outcome = self.send(live, request, &key).await;
+        let probe = ProbeGuard::new(&self.shared, key, admission);
+        let outcome = self.send(live, request, key).await;
         probe.disarm();
-        self.note_circuit(&key, admission, &outcome, &live.settings.circuit);
+        self.note_circuit(key, admission, &outcome, &live.settings.circuit);
         Attempted::Sent { admission, outcome }
     }
 
@@ -208,7 +209,7 @@ impl Context {
     }
 
     /// Carries out the step that ends a batch's immediate stage.
-    async fn finish(&self, batch: Batch, step: Step, destination: &str) {
+    async fn finish(self: &Arc<Self>, batch: Batch, step: Step, destination: &str) {
         let Batch {
             live,
             account,

@@ -50,7 +50,8 @@ use deliver::{Context, Deliveries};
 use session::Session;
 use settle::Settler;
 
-pub use reload::{Live, Reloader};
+use reload::Live;
+pub use reload::Reloader;
 
 /// A destination: events of one account and record type share batches.
 pub type Key = (Arc<str>, RecordType);
@@ -173,7 +174,7 @@ impl Worker {
             self.metrics.set_broker_connected(true);
             self.set_ready(true);
             tracing::info!(queue = %broker.deliver_queue(), prefetch = broker.prefetch, "consuming");
-            let cx = Context {
+            let cx = Arc::new(Context {
                 shared: shared.clone(),
                 settle: Settler::new(
                     session.acks.clone(),
@@ -183,7 +184,7 @@ impl Worker {
                     session.tasks.token(),
                 ),
                 tasks: session.tasks.clone(),
-            };
+            });
             let ended = consume::consume(&mut intake, &mut session, &cx, &shutdown).await;
             drop(cx);
             self.set_ready(false);

@@ -416,6 +416,9 @@ async fn dropped_broker_connections_lose_nothing_in_flight() {
 }
 
 /// Closes the broker connections with this client-provided name; returns how many.
+/// Blocking on purpose, unlike `helpers::close_named`: the worker shares this test's
+/// single-threaded runtime, so it cannot reconnect before both connections are closed
+/// and the requests in flight are counted.
 fn close_connections_named(name: &str) -> usize {
     let out = std::process::Command::new("rabbitmqctl")
         .args([
