@@ -21,6 +21,40 @@ pub use topology::declare;
 /// dead-lettering).
 pub const MIN_VERSION: (u32, u32) = (3, 10);
 
+/// A RabbitMQ server version (major, minor), read from its `connection.start`.
+/// Declarations depend on it where the broker's defaults differ (docs/operations.md,
+/// "Supported RabbitMQ versions").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServerVersion {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl ServerVersion {
+    /// Parses a dotted version such as `3.10.8` or `4.1.0-rc.1`; `None` when it does not
+    /// start with a number.
+    pub fn parse(version: &str) -> Option<Self> {
+        let mut parts = version
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|p| !p.is_empty());
+        let major = parts.next()?.parse().ok()?;
+        let minor = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        Some(Self { major, minor })
+    }
+
+    /// RabbitMQ 4.0 and later: quorum queues get a default delivery limit, and a
+    /// negative `x-delivery-limit` means unlimited.
+    pub fn has_default_delivery_limit(self) -> bool {
+        self.major >= 4
+    }
+}
+
+impl std::fmt::Display for ServerVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
 /// A broker error.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -68,10 +102,19 @@ impl BrokerError {
 /// Connects to the first node that answers, after checking its version. `name` shows in
 /// `rabbitmqctl list_connections`.
 pub async fn connect(urls: &[BrokerUrl], name: &str) -> Result<Connection, BrokerError> {
+    connect_versioned(urls, name).await.map(|(conn, _)| conn)
+}
+
+/// Connects as [`connect`] does; also returns the server's version (`None` when it does
+/// not say one courier can read).
+pub async fn connect_versioned(
+    urls: &[BrokerUrl],
+    name: &str,
+) -> Result<(Connection, Option<ServerVersion>), BrokerError> {
     let mut last = String::from("no broker URL");
     for url in urls {
         match connect_one(url, name).await {
-            Ok(conn) => return Ok(conn),
+            Ok(connected) => return Ok(connected),
             Err(e) if e.is_fatal() => return Err(e),
             Err(e) => {
                 tracing::warn!(node = %url.display, error = %e, "broker node did not answer");
@@ -94,8 +137,8 @@ pub async fn connect_declared(
     schedule: &[Duration],
     name: &str,
 ) -> Result<Connection, BrokerError> {
-    let conn = connect(&broker.urls, name).await?;
-    match declare(&conn, broker, schedule).await {
+    let (conn, version) = connect_versioned(&broker.urls, name).await?;
+    match declare(&conn, broker, schedule, version).await {
         Ok(()) => Ok(conn),
         Err(e) => {
             let _ = conn.close(200, "declaration failed".into()).await;
@@ -116,8 +159,13 @@ pub async fn ensure_topology(
     Ok(())
 }
 
-async fn connect_one(url: &BrokerUrl, name: &str) -> Result<Connection, BrokerError> {
-    if let Some(version) = probe_version(url).await? {
+async fn connect_one(
+    url: &BrokerUrl,
+    name: &str,
+) -> Result<(Connection, Option<ServerVersion>), BrokerError> {
+    let version = probe_version(url).await?;
+    let parsed = version.as_deref().and_then(ServerVersion::parse);
+    if let Some(version) = &version {
         tracing::debug!(node = %url.display, %version, "broker version");
     }
     let props = ConnectionProperties::default().with_connection_name(name.into());
@@ -134,7 +182,7 @@ async fn connect_one(url: &BrokerUrl, name: &str) -> Result<Connection, BrokerEr
         nodes: url.display.clone(),
         last: e.to_string(),
     })?;
-    Ok(conn)
+    Ok((conn, parsed))
 }
 
 /// Reads the server version from the broker's `connection.start` on a short plain-TCP
@@ -216,18 +264,7 @@ fn server_version(buf: &[u8]) -> std::io::Result<Option<String>> {
 /// Compares a dotted version with `(major, minor)`; an unparsable version passes
 /// (the topology declaration then fails loudly on a broker that lacks a feature).
 fn version_at_least(version: &str, min: (u32, u32)) -> bool {
-    let mut parts = version
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|p| !p.is_empty());
-    let major = parts.next().and_then(|p| p.parse::<u32>().ok());
-    let minor = parts
-        .next()
-        .and_then(|p| p.parse::<u32>().ok())
-        .unwrap_or(0);
-    match major {
-        Some(major) => (major, minor) >= min,
-        None => true,
-    }
+    ServerVersion::parse(version).is_none_or(|v| (v.major, v.minor) >= min)
 }
 
 #[cfg(test)]
@@ -242,5 +279,24 @@ mod tests {
         assert!(!version_at_least("3.9.29", MIN_VERSION));
         assert!(!version_at_least("3.8", MIN_VERSION));
         assert!(version_at_least("unknown", MIN_VERSION));
+    }
+
+    #[test]
+    fn versions_parse_with_suffixes() {
+        let v = |major, minor| Some(ServerVersion { major, minor });
+        assert_eq!(ServerVersion::parse("3.10.8"), v(3, 10));
+        assert_eq!(ServerVersion::parse("4.1.0-rc.1"), v(4, 1));
+        assert_eq!(ServerVersion::parse("4"), v(4, 0));
+        assert_eq!(ServerVersion::parse("unknown"), None);
+        assert!(
+            !ServerVersion::parse("3.13.7")
+                .unwrap()
+                .has_default_delivery_limit()
+        );
+        assert!(
+            ServerVersion::parse("4.0.0")
+                .unwrap()
+                .has_default_delivery_limit()
+        );
     }
 }

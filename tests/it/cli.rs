@@ -5,9 +5,6 @@ use std::collections::HashSet;
 use std::process::Stdio;
 use std::time::Duration;
 
-use lapin::options::QueueDeclareOptions;
-use lapin::types::{AMQPValue, FieldTable};
-
 use crate::helpers::*;
 
 const GOOD: &str = r#"
@@ -240,7 +237,6 @@ async fn reloads_refused(admin: u16) -> f64 {
 async fn an_existing_queue_with_other_arguments_exits_1_naming_it() {
     let names = Names::new();
     let broker = Broker::connect(&names, &["30s"]).await;
-    let channel = broker.conn.create_channel().await.unwrap();
     // Everything as courier declares it, but another delivery limit.
     let settings = settings(
         &names,
@@ -249,24 +245,11 @@ async fn an_existing_queue_with_other_arguments_exits_1_naming_it() {
             ..Default::default()
         },
     );
-    let spec = courier::broker::topology::queues(&settings.broker, &settings.retry.schedule)
+    let spec = courier::broker::topology::queues(&settings.broker, &settings.retry.schedule, None)
         .into_iter()
         .find(|q| q.name == names.deliver())
         .unwrap();
-    let mut args: std::collections::BTreeMap<_, _> = spec.arguments.inner().clone();
-    args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(99));
-    let args = FieldTable::from(args);
-    channel
-        .queue_declare(
-            names.deliver().as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            args,
-        )
-        .await
-        .unwrap();
+    broker.declare_with_limit(&spec, 99).await;
     let path = write_config(&config_text(
         &names,
         &ConfigSpec {

@@ -46,6 +46,30 @@ impl Broker {
         }
     }
 
+    /// Declares `queue` (durable) as courier would, but with `limit` as its
+    /// `x-delivery-limit`: a queue that exists with other arguments.
+    pub async fn declare_with_limit(
+        &self,
+        queue: &courier::broker::topology::QueueSpec,
+        limit: i64,
+    ) {
+        let mut args = queue.arguments.clone();
+        args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(limit));
+        let channel = self.conn.create_channel().await.unwrap();
+        channel
+            .queue_declare(
+                queue.name.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await
+            .unwrap();
+        let _ = channel.close(200, "declared".into()).await;
+    }
+
     /// Publishes bodies to the test exchange with routing key `<account>.<type>`, confirmed.
     pub async fn publish(&self, bodies: &[Vec<u8>]) {
         self.publish_with(bodies, BasicProperties::default().with_delivery_mode(2))
