@@ -132,8 +132,10 @@ impl Worker {
         result
     }
 
-    /// Opens sessions one after the other until shutdown: the first failure to connect
-    /// is an error, later ones are retried with backoff.
+    /// Opens sessions one after the other until shutdown. A broker that does not answer,
+    /// at start or later, is retried with backoff (`/readyz` is 503 meanwhile); only
+    /// errors that waiting cannot mend (a broker too old, a queue declared with other
+    /// arguments) end the worker.
     async fn supervise(self, shutdown: CancellationToken) -> Result<(), RunError> {
         let mut reloads = self.current.subscribe();
         let live = Live::new(reloads.borrow_and_update().clone())?;
@@ -145,7 +147,9 @@ impl Worker {
         };
         let broker = Arc::new(self.settings.broker.clone());
         let name = format!("courier publish {}", broker.queue_prefix);
-        let publisher = Arc::new(Publisher::connect(&broker.urls, &name).await?);
+        // Connects at its first publish, after the first session: the broker may be
+        // absent at start.
+        let publisher = Arc::new(Publisher::lazy(&broker.urls, &name));
         let shared = Arc::new(Deliveries {
             metrics: self.metrics.clone(),
             circuits: std::sync::Mutex::new(Breakers::default()),
@@ -154,11 +158,15 @@ impl Worker {
         let mut first = true;
         loop {
             let settings = intake.live.settings.clone();
-            let mut session = match Session::open(&settings).await {
+            let opened = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                opened = Session::open(&settings) => opened,
+            };
+            let mut session = match opened {
                 Ok(session) => session,
-                Err(e) if first || e.is_fatal() => return Err(e.into()),
+                Err(e) if e.is_fatal() => return Err(e.into()),
                 Err(e) => {
-                    let delay = reconnect.next().unwrap_or(Duration::from_secs(30));
+                    let delay = reconnect.next().unwrap_or(Duration::from_secs(10));
                     tracing::warn!(error = %e, retry_in = ?delay, "broker unavailable");
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
@@ -212,10 +220,12 @@ impl Worker {
     }
 }
 
+/// Reconnect delays: 0.5 s doubling to 10 s, with jitter, for as long as it takes. The
+/// cap bounds how long a worker stays idle after its broker is back.
 fn reconnect_backoff() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(500))
-        .with_max_delay(Duration::from_secs(30))
+        .with_max_delay(Duration::from_secs(10))
         .with_jitter()
         .without_max_times()
         .build()

@@ -7,5 +7,6 @@ mod helpers;
 mod hostile;
 mod paths;
 mod pipeline;
+mod restarts;
 mod retries;
 mod versions;

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use super::{eventually_async, free_port, suffix};
+use courier::config::Settings;
+
+use super::{ConfigSpec, Names, amqp_url, config_with_admin, eventually_async, free_port, suffix};
 
 /// A RabbitMQ node of the test's own, on ports no other test uses; stopped and removed
 /// when dropped, even when the test panics.
@@ -14,12 +16,21 @@ pub struct PrivateNode {
     /// The Erlang node name, for `rabbitmqctl -n`.
     pub name: String,
     pub port: u16,
+    dist: u16,
     dir: PathBuf,
 }
 
 impl PrivateNode {
     /// Starts the node and waits until it accepts connections (a few seconds).
     pub async fn start() -> Self {
+        let node = Self::prepare();
+        node.boot().await;
+        node
+    }
+
+    /// A node with its directory, name and ports, not started yet (`boot` starts it):
+    /// for a worker that starts before its broker.
+    pub fn prepare() -> Self {
         let dir = std::env::temp_dir().join(format!("courier-node-{}", suffix()));
         for sub in ["mnesia", "log"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
@@ -31,44 +42,54 @@ impl PrivateNode {
             format!("listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n"),
         )
         .unwrap();
-        // The server script runs as the rabbitmq user.
-        let owned = Command::new("chown")
-            .args(["-R", "rabbitmq:rabbitmq"])
-            .arg(&dir)
-            .status()
-            .expect("chown");
-        assert!(owned.success(), "cannot hand {dir:?} to the rabbitmq user");
         let node = Self {
             name: format!("courier-it-{}@localhost", suffix()),
             port,
+            dist,
             dir,
         };
+        node.stop_when_the_test_process_ends();
+        node
+    }
+
+    /// Starts the prepared (or stopped) node, with the messages of its durable queues,
+    /// and waits until it accepts connections.
+    pub async fn boot(&self) {
+        // The server script runs as the rabbitmq user.
+        let owned = Command::new("chown")
+            .args(["-R", "rabbitmq:rabbitmq"])
+            .arg(&self.dir)
+            .status()
+            .expect("chown");
+        assert!(
+            owned.success(),
+            "cannot hand {:?} to the rabbitmq user",
+            self.dir
+        );
         let started = tokio::process::Command::new("rabbitmq-server")
             .arg("-detached")
-            .env("RABBITMQ_NODENAME", &node.name)
-            .env("RABBITMQ_NODE_PORT", port.to_string())
-            .env("RABBITMQ_DIST_PORT", dist.to_string())
-            .env("RABBITMQ_MNESIA_BASE", node.dir.join("mnesia"))
-            .env("RABBITMQ_LOG_BASE", node.dir.join("log"))
-            .env("RABBITMQ_PID_FILE", node.dir.join("pid"))
+            .env("RABBITMQ_NODENAME", &self.name)
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist.to_string())
+            .env("RABBITMQ_MNESIA_BASE", self.dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", self.dir.join("log"))
+            .env("RABBITMQ_PID_FILE", self.dir.join("pid"))
             .env(
                 "RABBITMQ_ENABLED_PLUGINS_FILE",
-                node.dir.join("enabled_plugins"),
+                self.dir.join("enabled_plugins"),
             )
-            .env("RABBITMQ_CONFIG_FILE", node.dir.join("rabbitmq.conf"))
+            .env("RABBITMQ_CONFIG_FILE", self.dir.join("rabbitmq.conf"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
             .await
             .expect("rabbitmq-server");
         assert!(started.success(), "rabbitmq-server -detached failed");
-        node.stop_when_the_test_process_ends();
-        let pid = node.dir.join("pid");
-        let waited = node
+        let pid = self.dir.join("pid");
+        let waited = self
             .ctl(&["wait", pid.to_str().unwrap(), "--timeout", "60"])
             .await;
-        assert!(waited, "private node {} did not start", node.name);
-        node
+        assert!(waited, "private node {} did not start", self.name);
     }
 
     /// A watchdog in a session of its own stops the node once this process is gone, for
@@ -93,6 +114,15 @@ impl PrivateNode {
     /// `amqp://guest:guest@127.0.0.1:PORT/%2f`.
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// The test's configuration with this node as the only broker, and its admin port.
+    pub fn settings(&self, names: &Names, spec: &ConfigSpec) -> (Settings, u16) {
+        let (text, admin) = config_with_admin(names, spec);
+        let text = text.replace(&amqp_url(), &self.url());
+        let settings = courier::config::parse(std::path::Path::new("test.toml"), &text, &|_| None)
+            .unwrap_or_else(|e| panic!("test config invalid: {e}\n{text}"));
+        (settings, admin)
     }
 
     /// Stops the node (the test's connections to it break).
