@@ -82,6 +82,12 @@ impl Publisher {
         }
     }
 
+    /// Opens the publishing connection if it is not open yet; a failure is left to the
+    /// next publish, which tries again.
+    pub async fn warm(&self) -> Result<(), BrokerError> {
+        self.link(None).await.map(|_| ())
+    }
+
     fn current(&self) -> Option<Arc<Link>> {
         self.link.lock().expect("publisher link").clone()
     }

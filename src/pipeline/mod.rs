@@ -174,7 +174,12 @@ impl Worker {
                     }
                 }
             };
-            if !first {
+            if first {
+                // Ready to republish before the first delivery needs it.
+                if let Err(e) = publisher.warm().await {
+                    tracing::warn!(error = %e, "publish connection not open yet; the first republish retries");
+                }
+            } else {
                 self.metrics.broker_reconnected();
             }
             first = false;
