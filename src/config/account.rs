@@ -8,7 +8,7 @@ use secrecy::SecretString;
 
 use super::raw::{self, RawAccount};
 use super::validate::Validator;
-use super::{Account, ConfigError, HOLD_CAP, MAX_BATCH_SIZE, headers};
+use super::{Account, ConfigError, HOLD_CAP, MAX_BATCH_SIZE, headers, tls};
 
 /// An account's id for error messages, or its position (`#2`) when the id is missing or
 /// not a valid id: an error never shows what was written instead of an id.
@@ -92,6 +92,13 @@ fn account(v: &Validator, raw: RawAccount, label: &str) -> Result<Account, Confi
     };
     let signature_header = headers::signature_header(v, label, &raw.signature_header)?;
     let headers = headers::account_headers(v, label, raw.headers, &signature_header)?;
+    let client_identity = tls::client_identity(
+        v,
+        "account",
+        account,
+        raw.client_cert.as_deref(),
+        raw.client_key.as_deref(),
+    )?;
     Ok(Account {
         id: id.into(),
         companies_url,
@@ -101,20 +108,17 @@ fn account(v: &Validator, raw: RawAccount, label: &str) -> Result<Account, Confi
         hmac_secret,
         signature_header,
         headers,
+        client_identity,
     })
 }
 
 /// Keys of later releases, refused rather than ignored (docs/configuration.md, "Not
 /// supported in this release").
 fn refuse_unsupported(v: &Validator, raw: &RawAccount, label: &str) -> Result<(), ConfigError> {
-    let unsupported = [
-        (
-            "account.standard_webhooks_secret",
-            raw.standard_webhooks_secret.is_some(),
-        ),
-        ("account.client_cert", raw.client_cert.is_some()),
-        ("account.client_key", raw.client_key.is_some()),
-    ];
+    let unsupported = [(
+        "account.standard_webhooks_secret",
+        raw.standard_webhooks_secret.is_some(),
+    )];
     match unsupported.into_iter().find(|(_, set)| *set) {
         Some((key, _)) => Err(v.err(key, Some(label), "is not supported yet")),
         None => Ok(()),

@@ -14,6 +14,7 @@
 //!                integers, secrets, the COURIER_AMQP_URL / COURIER_ADMIN_LISTEN overrides
 //!     account.rs one `[[account]]` → Account
 //!     headers.rs the request headers courier sets, which an account may not set
+//!     tls.rs     CA and client-certificate files, read and checked
 //!   error.rs     ConfigError: the file, the key, the account, never a secret value
 //! ```
 //!
@@ -26,6 +27,7 @@ mod error;
 mod headers;
 mod raw;
 mod shape;
+mod tls;
 mod validate;
 
 use std::collections::HashMap;
@@ -44,6 +46,7 @@ use crate::event::RecordType;
 
 pub use error::ConfigError;
 pub use headers::{COURIER_HEADER_PREFIX, COURIER_REQUEST_HEADERS, is_courier_header};
+pub use tls::{CaFile, ClientIdentity};
 
 /// The longest `flush_interval`, `delivery.timeout` or `retry.max_interval` accepted.
 pub const HOLD_CAP: Duration = Duration::from_secs(300);
@@ -211,6 +214,8 @@ pub struct DeliverySettings {
     pub max_inflight_per_destination: usize,
     pub max_body_bytes: usize,
     pub allow_private_networks: bool,
+    /// CA certificates trusted for receivers besides the system's (`ca_file`).
+    pub ca: Option<CaFile>,
 }
 
 /// `[retry]`. Reloadable.
@@ -266,6 +271,8 @@ pub struct Account {
     pub signature_header: HeaderName,
     /// The account's own headers; values are marked sensitive so they never print.
     pub headers: HeaderMap,
+    /// The client certificate presented to receivers that demand mTLS.
+    pub client_identity: Option<ClientIdentity>,
 }
 
 impl fmt::Debug for Account {
@@ -280,6 +287,7 @@ impl fmt::Debug for Account {
             .field("signed", &self.hmac_secret.is_some())
             .field("signature_header", &self.signature_header)
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("client_cert", &self.client_identity.is_some())
             .finish()
     }
 }

@@ -209,7 +209,7 @@ pub(super) struct RawDelivery {
     pub ordering: String,
     #[serde(default = "default_allow_private_networks")]
     pub allow_private_networks: bool,
-    /// Not supported yet: refused when set.
+    /// Extra trusted CA certificates for receivers (PEM file).
     pub ca_file: Option<String>,
 }
 
@@ -351,9 +351,9 @@ pub(super) struct RawAccount {
     pub headers: HashMap<String, String>,
     /// Not supported yet: refused when set.
     pub standard_webhooks_secret: Option<String>,
-    /// Not supported yet: refused when set.
+    /// Client certificate chain for receivers that demand mTLS (PEM file).
     pub client_cert: Option<String>,
-    /// Not supported yet: refused when set.
+    /// Its private key (PEM file).
     pub client_key: Option<String>,
 }
 

@@ -14,7 +14,7 @@ use super::raw::{
 };
 use super::{
     AdminSettings, BrokerSettings, BrokerUrl, CircuitSettings, ConfigError, DeliverySettings,
-    HOLD_CAP, LogSettings, RetrySettings, Settings, account,
+    HOLD_CAP, LogSettings, RetrySettings, Settings, account, tls,
 };
 
 /// Turns the raw file into settings; the first error found is returned.
@@ -113,9 +113,7 @@ fn delivery(
             ));
         }
     }
-    if raw.ca_file.is_some() {
-        return Err(v.err("delivery.ca_file", None, "is not supported yet"));
-    }
+    let ca = tls::ca_file(v, "delivery.ca_file", raw.ca_file.as_deref())?;
     let max_body_bytes = v.int(
         "delivery.max_body_bytes",
         None,
@@ -147,6 +145,7 @@ fn delivery(
         )?,
         max_body_bytes,
         allow_private_networks: raw.allow_private_networks,
+        ca,
     })
 }
 

@@ -75,7 +75,13 @@ fn config_errors_exit_2_naming_the_key() {
         ),
         (
             format!("{GOOD}client_cert = \"/etc/courier/a.crt\"\n"),
-            "client_cert",
+            "account.client_key",
+        ),
+        (
+            format!(
+                "{GOOD}client_cert = \"/nonexistent/a.crt\"\nclient_key = \"/nonexistent/a.key\"\n"
+            ),
+            "account.client_cert",
         ),
         (
             GOOD.replace(
@@ -110,7 +116,10 @@ fn config_errors_exit_2_naming_the_key() {
             "stderr does not name the file: {stderr}"
         );
     }
-    let unsupported = write_config(&format!("{GOOD}client_key = \"/k\"\n"));
+    let unsupported = write_config(&GOOD.replace(
+        "[broker]",
+        "[delivery]\nordering = \"per_record\"\n[broker]",
+    ));
     let (_, _, stderr) = output(&mut courier(&[
         "check",
         "--config",

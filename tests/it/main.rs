@@ -9,4 +9,5 @@ mod paths;
 mod pipeline;
 mod restarts;
 mod retries;
+mod tls;
 mod versions;
