@@ -9,8 +9,10 @@ pub mod topology;
 
 use std::time::Duration;
 
+use futures_util::io::{AsyncReadExt, AsyncWriteExt};
+use lapin::tcp::{AMQPUriTcpExt, OwnedIdentity, OwnedTLSConfig};
+use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::BrokerUrl;
 
@@ -118,7 +120,10 @@ pub async fn connect_versioned(
             Err(e) if e.is_fatal() => return Err(e),
             Err(e) => {
                 tracing::warn!(node = %url.display, error = %e, "broker node did not answer");
-                last = e.to_string();
+                last = match e {
+                    BrokerError::Connect { last, .. } => last,
+                    other => other.to_string(),
+                };
             }
         }
     }
@@ -163,48 +168,66 @@ async fn connect_one(
     url: &BrokerUrl,
     name: &str,
 ) -> Result<(Connection, Option<ServerVersion>), BrokerError> {
-    let version = probe_version(url).await?;
-    let parsed = version.as_deref().and_then(ServerVersion::parse);
-    if let Some(version) = &version {
-        tracing::debug!(node = %url.display, %version, "broker version");
-    }
+    let unreachable = |last: String| BrokerError::Connect {
+        nodes: url.display.clone(),
+        last,
+    };
+    let uri: AMQPUri = url
+        .expose()
+        .parse()
+        .map_err(|e| unreachable(format!("not a valid AMQP URL: {e}")))?;
+    let tls = tls_config(url);
+    let version = probe_version(url, &uri, &tls).await?;
+    let parsed = ServerVersion::parse(&version);
+    tracing::debug!(node = %url.display, %version, "broker version");
     let props = ConnectionProperties::default().with_connection_name(name.into());
+    let runtime = lapin::runtime::default_runtime().map_err(|e| unreachable(e.to_string()))?;
     let conn = tokio::time::timeout(
         Duration::from_secs(15),
-        Connection::connect(url.expose(), props),
+        Connection::connect_uri_with_config(uri, props, tls, runtime),
     )
     .await
-    .map_err(|_| BrokerError::Connect {
-        nodes: url.display.clone(),
-        last: "timed out".into(),
-    })?
-    .map_err(|e| BrokerError::Connect {
-        nodes: url.display.clone(),
-        last: e.to_string(),
-    })?;
+    .map_err(|_| unreachable("timed out".into()))?
+    .map_err(|e| unreachable(e.to_string()))?;
     Ok((conn, parsed))
 }
 
-/// Reads the server version from the broker's `connection.start` on a short plain-TCP
-/// probe (lapin does not expose the server properties). `amqps` nodes are not probed.
-async fn probe_version(url: &BrokerUrl) -> Result<Option<String>, BrokerError> {
-    let parsed = url::Url::parse(url.expose()).expect("checked when the config was loaded");
-    if parsed.scheme() != "amqp" {
-        return Ok(None);
+/// The TLS settings of an `amqps` node: the system's trust store, plus `broker.ca_file`
+/// and `broker.client_cert` / `client_key` when set (docs/configuration.md, "TLS").
+fn tls_config(url: &BrokerUrl) -> OwnedTLSConfig {
+    OwnedTLSConfig {
+        cert_chain: url
+            .tls
+            .ca
+            .as_ref()
+            .map(|ca| String::from_utf8_lossy(ca.pem()).into_owned()),
+        identity: url.tls.identity.as_ref().map(|id| OwnedIdentity::PKCS8 {
+            pem: id.cert_pem().to_vec(),
+            key: id.key_pem().to_vec(),
+        }),
     }
-    let host = parsed
-        .host_str()
-        .unwrap_or("127.0.0.1")
-        .trim_matches(['[', ']'])
-        .to_owned();
-    let port = parsed.port().unwrap_or(5672);
+}
+
+/// Reads the server version from the broker's `connection.start` on a short probe
+/// connection, TLS included for `amqps` (lapin does not expose the server properties),
+/// and refuses a version older than [`MIN_VERSION`]. A TLS failure (unknown CA, another
+/// name, a refused client certificate) shows here, with its reason.
+async fn probe_version(
+    url: &BrokerUrl,
+    uri: &AMQPUri,
+    tls: &OwnedTLSConfig,
+) -> Result<String, BrokerError> {
     let unreachable = |e: String| BrokerError::Connect {
         nodes: url.display.clone(),
         last: e,
     };
+    let runtime = lapin::runtime::default_runtime().map_err(|e| unreachable(e.to_string()))?;
     let read = async {
-        let mut stream = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+        let mut stream = uri
+            .connect_with_config_async(tls.as_ref(), &runtime)
+            .await?;
         stream.write_all(b"AMQP\x00\x00\x09\x01").await?;
+        stream.flush().await?;
         let mut buf = Vec::with_capacity(1024);
         loop {
             let mut chunk = [0u8; 1024];
@@ -214,6 +237,7 @@ async fn probe_version(url: &BrokerUrl) -> Result<Option<String>, BrokerError> {
             }
             buf.extend_from_slice(&chunk[..n]);
             if let Some(version) = server_version(&buf)? {
+                let _ = stream.close().await;
                 return Ok(version);
             }
         }
@@ -221,14 +245,28 @@ async fn probe_version(url: &BrokerUrl) -> Result<Option<String>, BrokerError> {
     let version = tokio::time::timeout(Duration::from_secs(10), read)
         .await
         .map_err(|_| unreachable("timed out reading the server greeting".into()))?
-        .map_err(|e| unreachable(e.to_string()))?;
+        .map_err(|e| unreachable(tls_reason(&e)))?;
     if !version_at_least(&version, MIN_VERSION) {
         return Err(BrokerError::TooOld {
             node: url.display.clone(),
             version,
         });
     }
-    Ok(Some(version))
+    Ok(version)
+}
+
+/// An I/O error's text with its innermost cause (rustls puts the reason there).
+fn tls_reason(error: &std::io::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause: &dyn std::error::Error = error;
+    while let Some(source) = cause.source() {
+        let inner = source.to_string();
+        if !text.contains(&inner) {
+            text = format!("{text}: {inner}");
+        }
+        cause = source;
+    }
+    text
 }
 
 /// The `version` server property of a complete `connection.start` frame in `buf`;

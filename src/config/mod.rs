@@ -136,6 +136,16 @@ pub struct BrokerSettings {
     pub shards: u16,
     pub max_event_bytes: usize,
     pub delivery_limit: u32,
+    /// TLS to `amqps` nodes; every URL of `urls` carries it too.
+    pub tls: BrokerTls,
+}
+
+/// TLS to `amqps` nodes besides the system's trust store: `broker.ca_file`,
+/// `broker.client_cert` and `broker.client_key`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BrokerTls {
+    pub ca: Option<CaFile>,
+    pub identity: Option<ClientIdentity>,
 }
 
 impl BrokerSettings {
@@ -161,6 +171,8 @@ pub struct BrokerUrl {
     secret: SecretString,
     /// `scheme://host:port/vhost`, without user-info.
     pub display: String,
+    /// TLS settings for an `amqps` URL (`[broker]`'s, the same for every node).
+    pub tls: BrokerTls,
 }
 
 impl BrokerUrl {
@@ -182,6 +194,7 @@ impl BrokerUrl {
         Ok(Self {
             secret: SecretString::from(raw.to_owned()),
             display,
+            tls: BrokerTls::default(),
         })
     }
 
@@ -191,10 +204,11 @@ impl BrokerUrl {
     }
 }
 
-/// Two addresses are equal when their full URLs are: a new password is a change.
+/// Two addresses are equal when their full URLs and TLS settings are: a new password
+/// is a change.
 impl PartialEq for BrokerUrl {
     fn eq(&self, other: &Self) -> bool {
-        self.expose() == other.expose()
+        self.expose() == other.expose() && self.tls == other.tls
     }
 }
 

@@ -166,6 +166,12 @@ pub(super) struct RawBroker {
     pub max_event_bytes: i64,
     #[serde(default = "default_delivery_limit")]
     pub delivery_limit: i64,
+    /// Extra trusted CA certificates for `amqps` nodes (PEM file).
+    pub ca_file: Option<String>,
+    /// Client certificate chain for `amqps` nodes (PEM file).
+    pub client_cert: Option<String>,
+    /// Its private key (PEM file).
+    pub client_key: Option<String>,
 }
 
 fn default_exchange() -> String {

@@ -228,6 +228,15 @@ mod tests {
             "client_cert = \"{junk}\"\nclient_key = \"{junk}\""
         )));
         assert_eq!(key, "account.client_cert");
+        let broker = |line: &str| MINIMAL.replace("[broker]", &format!("[broker]\n{line}"));
+        assert_eq!(
+            refused(&broker("ca_file = \"/nonexistent/ca.pem\"")).0,
+            "broker.ca_file"
+        );
+        assert_eq!(
+            refused(&broker("client_cert = \"/etc/c.pem\"")).0,
+            "broker.client_key"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 

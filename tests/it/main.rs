@@ -1,6 +1,7 @@
 //! Integration tests against a real RabbitMQ and real receivers on loopback.
 
 mod alarm;
+mod broker_tls;
 mod cli;
 mod failures;
 mod helpers;

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use courier::config::Settings;
 
-use super::{ConfigSpec, Names, amqp_url, config_with_admin, eventually_async, free_port, suffix};
+use super::{
+    ConfigSpec, Names, TestCerts, amqp_url, config_with_admin, eventually_async, free_port, suffix,
+};
 
 /// A RabbitMQ node of the test's own, on ports no other test uses; stopped and removed
 /// when dropped, even when the test panics.
@@ -16,6 +18,8 @@ pub struct PrivateNode {
     /// The Erlang node name, for `rabbitmqctl -n`.
     pub name: String,
     pub port: u16,
+    /// The TLS listener's port (`prepare_tls`), on 127.0.0.1 and 127.0.0.2.
+    pub tls_port: Option<u16>,
     dist: u16,
     dir: PathBuf,
 }
@@ -31,20 +35,50 @@ impl PrivateNode {
     /// A node with its directory, name and ports, not started yet (`boot` starts it):
     /// for a worker that starts before its broker.
     pub fn prepare() -> Self {
+        Self::prepare_with(None)
+    }
+
+    /// A node as `prepare` makes it, with a TLS listener too: its certificate is
+    /// `certs`' `server` (127.0.0.1 and localhost), and a client must present a
+    /// certificate signed by their CA.
+    pub fn prepare_tls(certs: &TestCerts) -> Self {
+        Self::prepare_with(Some(certs))
+    }
+
+    fn prepare_with(certs: Option<&TestCerts>) -> Self {
         let dir = std::env::temp_dir().join(format!("courier-node-{}", suffix()));
         for sub in ["mnesia", "log"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
         let (port, dist) = (free_port(), free_port());
         std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
-        std::fs::write(
-            dir.join("rabbitmq.conf"),
-            format!("listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n"),
-        )
-        .unwrap();
+        let mut conf = format!("listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n");
+        let tls_port = certs.map(|certs| {
+            let tls_port = free_port();
+            // The server script runs as the rabbitmq user: it reads copies in `dir`.
+            for file in ["ca.pem", "server.pem", "server.key"] {
+                std::fs::copy(certs.path(file), dir.join(file)).unwrap();
+            }
+            let file = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+            conf.push_str(&format!(
+                "listeners.ssl.1 = 127.0.0.1:{tls_port}\n\
+                 listeners.ssl.2 = 127.0.0.2:{tls_port}\n\
+                 ssl_options.cacertfile = {}\n\
+                 ssl_options.certfile = {}\n\
+                 ssl_options.keyfile = {}\n\
+                 ssl_options.verify = verify_peer\n\
+                 ssl_options.fail_if_no_peer_cert = true\n",
+                file("ca.pem"),
+                file("server.pem"),
+                file("server.key"),
+            ));
+            tls_port
+        });
+        std::fs::write(dir.join("rabbitmq.conf"), conf).unwrap();
         let node = Self {
             name: format!("courier-it-{}@localhost", suffix()),
             port,
+            tls_port,
             dist,
             dir,
         };
@@ -114,6 +148,12 @@ impl PrivateNode {
     /// `amqp://guest:guest@127.0.0.1:PORT/%2f`.
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// `amqps://guest:guest@HOST:TLS_PORT/%2f` (`prepare_tls`).
+    pub fn tls_url(&self, host: &str) -> String {
+        let port = self.tls_port.expect("a node prepared with TLS");
+        format!("amqps://guest:guest@{host}:{port}/%2f")
     }
 
     /// The test's configuration with this node as the only broker, and its admin port.
