@@ -8,6 +8,7 @@ mod helpers;
 mod hostile;
 mod paths;
 mod pipeline;
+mod receivers;
 mod restarts;
 mod retries;
 mod tls;

@@ -31,15 +31,7 @@ async fn retried(broker: &Broker, names: &Names, n: u32) -> Vec<(String, String)
         n,
         "events in the retry tier"
     );
-    broker
-        .drain(&tier)
-        .await
-        .into_iter()
-        .map(|(body, headers)| {
-            let error = header_str(&headers, "x-courier-last-error").unwrap_or_default();
-            (event_id(&body), error)
-        })
-        .collect()
+    broker.drain_last_errors(&tier).await
 }
 
 #[tokio::test]

@@ -152,6 +152,19 @@ impl Broker {
         }
     }
 
+    /// Takes every message of `queue` (acking them): event id and
+    /// `x-courier-last-error` ("" when absent).
+    pub async fn drain_last_errors(&self, queue: &str) -> Vec<(String, String)> {
+        self.drain(queue)
+            .await
+            .into_iter()
+            .map(|(body, headers)| {
+                let error = header_str(&headers, "x-courier-last-error").unwrap_or_default();
+                (super::event_id(&body), error)
+            })
+            .collect()
+    }
+
     /// Takes every message of `queue` (acking them): body and headers.
     pub async fn drain(&self, queue: &str) -> Vec<(Vec<u8>, FieldTable)> {
         let channel = self.conn.create_channel().await.unwrap();
