@@ -226,9 +226,21 @@ async fn probe_version(
         let mut stream = uri
             .connect_with_config_async(tls.as_ref(), &runtime)
             .await?;
+        let mut buf = Vec::with_capacity(1024);
+        if uri.scheme == lapin::uri::AMQPScheme::AMQPS {
+            // With TLS 1.3 a broker that refuses the client certificate says so just
+            // after the handshake; a header written before that alert is read meets a
+            // reset instead, which hides the reason. A broker that accepts says nothing
+            // until the header comes.
+            let mut early = [0u8; 1024];
+            if let Ok(read) =
+                tokio::time::timeout(Duration::from_millis(250), stream.read(&mut early)).await
+            {
+                buf.extend_from_slice(&early[..read?]);
+            }
+        }
         stream.write_all(b"AMQP\x00\x00\x09\x01").await?;
         stream.flush().await?;
-        let mut buf = Vec::with_capacity(1024);
         loop {
             let mut chunk = [0u8; 1024];
             let n = stream.read(&mut chunk).await?;

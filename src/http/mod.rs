@@ -148,11 +148,6 @@ impl Sender {
         })
     }
 
-    /// The clients in all: one, plus one per distinct client certificate.
-    pub fn clients(&self) -> usize {
-        1 + self.identities.len()
-    }
-
     fn builder(settings: &DeliverySettings) -> reqwest::ClientBuilder {
         let mut builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
