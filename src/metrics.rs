@@ -26,7 +26,8 @@ pub enum RequestOutcome {
 impl RequestOutcome {
     const ALL: [RequestOutcome; 3] = [Self::Success, Self::Rejected, Self::Retryable];
 
-    fn as_str(self) -> &'static str {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
         match self {
             RequestOutcome::Success => "success",
             RequestOutcome::Rejected => "rejected",

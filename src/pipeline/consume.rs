@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::Key;
 use super::batch::{Accumulator, FlushReason, Flushed, Limits};
 use super::deliver::{self, Batch, Context};
-use super::reload::Live;
+use super::reload::{self, Live};
 use super::session::Session;
 use super::settle::{DeadLetter, Pending, UNKNOWN_ACCOUNT};
 use super::warnings::{Kind, Warnings};
@@ -71,7 +71,7 @@ pub async fn consume(
                 open.drain(FlushReason::Shutdown, |f| dispatch(cx, &mut intake.destinations, f));
                 break Ended::Shutdown;
             }
-            Ok(()) = intake.reloads.changed() => reloaded(intake),
+            Ok(()) = intake.reloads.changed() => reloaded(intake, cx),
             _ = due => {
                 let now = Instant::now();
                 open.expired(now, |f| dispatch(cx, &mut intake.destinations, f));
@@ -108,8 +108,12 @@ pub async fn consume(
 }
 
 /// Applies a reloaded configuration to batches formed from now on.
-fn reloaded(intake: &mut Intake) {
+fn reloaded(intake: &mut Intake, cx: &Context) {
     let settings = intake.reloads.borrow_and_update().clone();
+    cx.shared.reset_circuits(&reload::moved_destinations(
+        &intake.live.settings,
+        &settings,
+    ));
     match intake.live.reloaded(settings) {
         Ok((live, reset_destinations)) => {
             if reset_destinations {
@@ -261,6 +265,7 @@ fn dead_letter(reason: &str, account: &str, kind: &str, error: String) -> DeadLe
 
 fn spawn_dead_letter(cx: &Arc<Context>, item: Pending, dead: DeadLetter) {
     let settle = cx.settle.clone();
-    cx.tasks
-        .spawn(async move { settle.dead_letter(item, &dead).await });
+    cx.tasks.spawn(async move {
+        settle.dead_letter(item, &dead).await;
+    });
 }

@@ -1,0 +1,231 @@
+//! What an operator sees and does on the second day: the cause a dead letter keeps, the
+//! log lines of deliveries and dead-letterings, `dlq show` and `dlq discard`, validated
+//! replay filters, the circuit after a reload that fixes a destination.
+
+use std::time::Duration;
+
+use crate::helpers::*;
+
+fn account(url: &str, batch_size: usize) -> String {
+    format!(
+        "[[account]]\nid = \"acme\"\ncompanies_url = \"{url}\"\nbatch_size = {batch_size}\nflush_interval = \"50ms\"\n"
+    )
+}
+
+#[tokio::test]
+async fn dead_letters_keep_the_real_status_and_error_after_the_circuit_opened() {
+    let receiver = Receiver::start().await;
+    receiver.set_status(500);
+    let names = Names::new();
+    let broker = Broker::connect(&names, &["100ms"]).await;
+    let spec = ConfigSpec {
+        retry: "immediate_attempts = 1\nschedule = [\"100ms\"]".into(),
+        // Opens after two failures and stays open for the whole test.
+        top: "[circuit]\nfailure_threshold = 2\ncooldown = \"60s\"\nmax_cooldown = \"60s\"".into(),
+        accounts: account(&receiver.url("/hook"), 1),
+        ..Default::default()
+    };
+    let worker = TestWorker::spawn(settings(&names, &spec)).await;
+    let bodies: Vec<Vec<u8>> = (0..12)
+        .map(|i| event(&format!("d{i}"), "acme", "company"))
+        .collect();
+    broker.publish(&bodies).await;
+    assert_eq!(
+        broker
+            .wait_for_depth(&names.dead(), 12, Duration::from_secs(20))
+            .await,
+        12
+    );
+    worker.shutdown().await;
+    // Each event needed two attempts to be exhausted; the circuit refused most of them.
+    assert!(
+        receiver.requests().len() < 24,
+        "{} requests: the circuit never refused",
+        receiver.requests().len()
+    );
+    let letters = broker.drain(&names.dead()).await;
+    assert_eq!(letters.len(), 12);
+    let mut refused = 0;
+    for (_, headers) in &letters {
+        let h = |name| header_str(headers, name).unwrap_or_default();
+        assert_eq!(h("x-courier-reason"), "retries_exhausted");
+        assert_eq!(h("x-courier-last-status"), "500", "{headers:?}");
+        let error = h("x-courier-last-error");
+        assert!(
+            error.starts_with("HTTP 500 Internal Server Error"),
+            "{error}"
+        );
+        if error.contains("circuit open for http://127.0.0.1:") {
+            refused += 1;
+        }
+        assert!(!error.contains("/hook"), "no path in {error}");
+    }
+    assert!(refused > 0, "no letter says the circuit was open");
+}
+
+/// The JSON log lines whose `message` starts with `message`.
+fn log_lines(log: &str, message: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(message))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn deliveries_retries_and_dead_letterings_are_logged_at_their_levels() {
+    let good = Receiver::start().await;
+    good.reject_bodies_with("\"bad-1\"", 422);
+    let down = Receiver::start().await;
+    down.set_status(500);
+    let names = Names::new();
+    let broker = Broker::connect(&names, &["100ms"]).await;
+    let spec = ConfigSpec {
+        retry: "immediate_attempts = 1\nschedule = [\"100ms\"]".into(),
+        top: "[log]\nlevel = \"debug\"\nformat = \"json\"\n[circuit]\nfailure_threshold = 1000"
+            .into(),
+        accounts: format!(
+            "{}[[account]]\nid = \"globex\"\ncompanies_url = \"{}\"\n",
+            account(&good.url("/hook/secret-path"), 1),
+            down.url("/down/secret-path")
+        ),
+        ..Default::default()
+    };
+    let path = write_config(&config_text(&names, &spec));
+    let log = path.with_file_name("courier.log");
+    let mut running = start_courier(&path, &log).await;
+    broker
+        .publish(&[
+            event("ok-1", "acme", "company"),
+            event("bad-1", "acme", "company"),
+            event("down-1", "globex", "company"),
+        ])
+        .await;
+    assert_eq!(
+        broker
+            .wait_for_depth(&names.dead(), 2, Duration::from_secs(20))
+            .await,
+        2
+    );
+    assert_eq!(good.wait_for_events(1, Duration::from_secs(5)).await, 1);
+    sigterm(&running.proc.0);
+    assert_eq!(
+        wait_exit(&mut running.proc.0, Duration::from_secs(20)).await,
+        Some(0)
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains("secret-path"),
+        "a URL path was logged:\n{text}"
+    );
+    assert!(!text.contains("to scheduled retry"), "{text}");
+
+    // Each request at debug: destination, events, status, duration, delivery id, attempt.
+    let requests = log_lines(&text, "request");
+    let delivered = requests
+        .iter()
+        .find(|l| l["status"] == 200)
+        .unwrap_or_else(|| panic!("no delivered request logged:\n{text}"));
+    assert_eq!(delivered["level"], "DEBUG");
+    assert_eq!(delivered["destination"], format!("http://{}", good.addr));
+    assert_eq!(delivered["type"], "company");
+    assert_eq!(delivered["account"], "acme");
+    assert_eq!(delivered["events"], 1);
+    assert_eq!(delivered["attempt"], 1);
+    assert_eq!(
+        delivered["delivery_id"].as_str(),
+        good.accepted()[0].header("x-courier-delivery-id")
+    );
+    assert!(delivered["duration"].is_string(), "{delivered}");
+
+    // The scheduled retry at info, with its tier.
+    let retried = log_lines(&text, "scheduled retry");
+    assert_eq!(retried.len(), 1, "{text}");
+    assert_eq!(retried[0]["level"], "INFO");
+    assert_eq!(retried[0]["tier"], "100ms");
+    assert_eq!(retried[0]["status"], 500);
+    assert_eq!(retried[0]["account"], "globex");
+
+    // Both dead-letterings at warn, with their reason and the last status.
+    let dead = log_lines(&text, "dead-lettered");
+    let of = |reason: &str| {
+        dead.iter()
+            .find(|l| l["reason"] == reason)
+            .unwrap_or_else(|| panic!("no {reason} line:\n{text}"))
+    };
+    let rejected = of("rejected_422");
+    assert_eq!(rejected["level"], "WARN");
+    assert_eq!(rejected["status"], 422);
+    assert_eq!(rejected["ids"], "bad-1");
+    let exhausted = of("retries_exhausted");
+    assert_eq!(exhausted["level"], "WARN");
+    assert_eq!(exhausted["status"], 500);
+    assert_eq!(exhausted["destination"], format!("http://{}", down.addr));
+    assert_eq!(exhausted["ids"], "down-1");
+}
+
+#[tokio::test]
+async fn a_reload_that_fixes_a_destination_closes_its_circuit() {
+    let receiver = Receiver::start().await;
+    let names = Names::new();
+    let broker = Broker::connect(&names, &["1s", "5m"]).await;
+    // A wrong port first: nothing listens on the discard port.
+    let spec = ConfigSpec {
+        retry: "immediate_attempts = 1\nschedule = [\"1s\", \"5m\"]".into(),
+        top: "[circuit]\nfailure_threshold = 2\ncooldown = \"60s\"\nmax_cooldown = \"60s\"".into(),
+        accounts: account("http://127.0.0.1:9/hook", 1),
+        ..Default::default()
+    };
+    let text = config_text(&names, &spec);
+    let path = write_config(&text);
+    let mut running = start_courier(&path, &path.with_file_name("courier.log")).await;
+    let admin = running.admin;
+    let metric = |name: &'static str, labels: &'static [(&'static str, &'static str)]| async move {
+        metric_value(&http_get(admin, "/metrics").await.1, name, labels)
+    };
+    let broken: Vec<Vec<u8>> = (0..3)
+        .map(|i| event(&format!("b{i}"), "acme", "company"))
+        .collect();
+    broker.publish(&broken).await;
+    assert!(
+        eventually_async(Duration::from_secs(10), || async {
+            metric("courier_circuit_open", &[("account", "acme")]).await == 1.0
+        })
+        .await,
+        "the circuit never opened"
+    );
+    // The operator corrects the URL and reloads: the circuit closes at once.
+    std::fs::write(
+        &path,
+        text.replace("http://127.0.0.1:9/hook", &receiver.url("/hook")),
+    )
+    .unwrap();
+    sighup(&running.proc.0);
+    assert!(
+        eventually_async(Duration::from_secs(5), || async {
+            metric("courier_config_reloads_total", &[("result", "ok")]).await == 1.0
+        })
+        .await
+    );
+    assert_eq!(metric("courier_circuit_open", &[("account", "acme")]).await, 0.0);
+    let fresh: Vec<Vec<u8>> = (0..10)
+        .map(|i| event(&format!("f{i}"), "acme", "company"))
+        .collect();
+    broker.publish(&fresh).await;
+    // The new events go through at once; the parked ones come back from the 1s tier.
+    assert_eq!(
+        receiver
+            .wait_for_distinct(13, Duration::from_secs(10))
+            .await,
+        13
+    );
+    assert_eq!(broker.depth(&format!("{}.retry.5m", names.prefix)).await, 0);
+    sigterm(&running.proc.0);
+    assert_eq!(
+        wait_exit(&mut running.proc.0, Duration::from_secs(20)).await,
+        Some(0)
+    );
+}
