@@ -3,7 +3,10 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::builder::PossibleValuesParser;
+use clap::{Args, Parser, Subcommand};
+
+use crate::commands::dlq::REASONS;
 
 use crate::commands::receive::DEFAULT_MAX_BODY;
 use crate::config::DEFAULT_SIGNATURE_HEADER;
@@ -70,17 +73,61 @@ pub enum DlqCommand {
         samples: usize,
     },
     /// Move matching dead letters back to delivery, retry headers reset; the rest stay.
+    /// Without --reason, invalid_event letters stay (they cannot succeed).
     Replay {
-        #[arg(long)]
-        account: Option<String>,
-        /// Record type: company or contact.
-        #[arg(long = "type", value_name = "TYPE")]
-        kind: Option<String>,
-        /// A reason such as retries_exhausted, rejected_400 or delivery_limit.
-        #[arg(long)]
-        reason: Option<String>,
+        #[command(flatten)]
+        filter: DlqFilter,
         /// Replay at most this many.
         #[arg(long)]
         limit: Option<usize>,
+        /// Say what would be replayed; move nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
+    /// Print matching dead letters: every x-courier-* header, the broker's x-death
+    /// entries, the body. None is removed.
+    Show {
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Print at most this many (all matching ones are counted).
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+    },
+    /// Remove matching dead letters: says what it would remove, then asks (or --yes).
+    Discard {
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Remove at most this many.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Say what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Remove without asking.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// Which dead letters a `dlq` command takes; given filters must all match.
+#[derive(Debug, Args)]
+pub struct DlqFilter {
+    /// The account in the event's body.
+    #[arg(long, value_parser = account_id)]
+    pub account: Option<String>,
+    /// Record type: company or contact.
+    #[arg(long = "type", value_name = "TYPE", value_parser = ["company", "contact"])]
+    pub kind: Option<String>,
+    /// The reason, as `dlq list` shows it.
+    #[arg(long, value_parser = PossibleValuesParser::new(REASONS))]
+    pub reason: Option<String>,
+}
+
+/// An account id as the event rules allow it.
+fn account_id(value: &str) -> Result<String, String> {
+    if crate::event::valid_account(value) {
+        Ok(value.to_owned())
+    } else {
+        Err("an account id matches [A-Za-z0-9_.-]{1,64}".into())
+    }
 }

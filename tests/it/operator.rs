@@ -210,7 +210,10 @@ async fn a_reload_that_fixes_a_destination_closes_its_circuit() {
         })
         .await
     );
-    assert_eq!(metric("courier_circuit_open", &[("account", "acme")]).await, 0.0);
+    assert_eq!(
+        metric("courier_circuit_open", &[("account", "acme")]).await,
+        0.0
+    );
     let fresh: Vec<Vec<u8>> = (0..10)
         .map(|i| event(&format!("f{i}"), "acme", "company"))
         .collect();
@@ -228,4 +231,126 @@ async fn a_reload_that_fixes_a_destination_closes_its_circuit() {
         wait_exit(&mut running.proc.0, Duration::from_secs(20)).await,
         Some(0)
     );
+}
+
+/// A dead-letter queue holding 2 `invalid_event`, 1 `unknown_account` and 2
+/// `rejected_422` letters, made by a real worker; returns the config path.
+async fn dead_letters_of_every_kind(names: &Names, broker: &Broker) -> std::path::PathBuf {
+    let receiver = Receiver::start().await;
+    receiver.reject_bodies_with("\"id\":\"rej-", 422);
+    let spec = ConfigSpec {
+        accounts: account(&receiver.url("/hook"), 1),
+        ..Default::default()
+    };
+    let path = write_config(&config_text(names, &spec));
+    let worker = TestWorker::spawn(settings(names, &spec)).await;
+    broker
+        .publish(&[
+            b"not json".to_vec(),
+            br#"{"id":"half"}"#.to_vec(),
+            event("who-1", "nobody", "company"),
+            event("rej-1", "acme", "company"),
+            event("rej-2", "acme", "company"),
+        ])
+        .await;
+    assert_eq!(
+        broker
+            .wait_for_depth(&names.dead(), 5, Duration::from_secs(20))
+            .await,
+        5
+    );
+    worker.shutdown().await;
+    path
+}
+
+#[tokio::test]
+async fn dlq_show_discard_and_replay_filters() {
+    let names = Names::new();
+    let broker = Broker::connect(&names, &["30s"]).await;
+    let path = dead_letters_of_every_kind(&names, &broker).await;
+    let config = path.to_str().unwrap();
+    let dlq = |args: &[&str]| {
+        let mut all = vec!["dlq"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--config", config]);
+        output(&mut courier(&all))
+    };
+    let depth = || async {
+        broker
+            .wait_for_depth(&names.dead(), 5, Duration::from_secs(5))
+            .await
+    };
+
+    // show: every x-courier-* header, the body; nothing removed.
+    let (code, out, err) = dlq(&["show", "--reason", "rejected_422"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("--- id rej-1 (account acme, type company, reason rejected_422)"),
+        "{out}"
+    );
+    assert!(out.contains("--- id rej-2"), "{out}");
+    for line in [
+        "x-courier-reason: rejected_422",
+        "x-courier-last-status: 422",
+        "x-courier-retries: 0",
+        "x-courier-destination: http://127.0.0.1:",
+        "x-courier-dead-at: ",
+        "x-courier-first-seen: ",
+        r#""record_id":"rec-rej-1""#,
+    ] {
+        assert!(out.contains(line), "no {line:?} in:\n{out}");
+    }
+    assert!(!out.contains("/hook"), "{out}");
+    assert!(
+        out.contains("2 of 2 matching dead letter(s) shown (5 examined"),
+        "{out}"
+    );
+    let (code, out, _) = dlq(&["show", "--limit", "1"]);
+    assert_eq!(code, 0);
+    assert_eq!(out.matches("--- id ").count(), 1, "{out}");
+    assert!(out.contains("1 of 5 matching"), "{out}");
+    assert_eq!(depth().await, 5, "show removed nothing");
+
+    // Filters are checked: an unknown reason or type is a usage error naming it.
+    for (flag, value) in [("--reason", "unknown-account"), ("--type", "companies")] {
+        for command in ["replay", "show", "discard"] {
+            let (code, _, err) = dlq(&[command, flag, value]);
+            assert_eq!(code, 2, "{command} {flag} {value}: {err}");
+            assert!(err.contains(value), "{err}");
+        }
+    }
+
+    // replay --dry-run moves nothing; without --reason the invalid events stay.
+    let (code, out, err) = dlq(&["replay", "--dry-run"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("would replay 3 of 5"), "{out}");
+    assert!(out.contains("left 2 invalid_event"), "{out}");
+    assert_eq!(depth().await, 5);
+    assert_eq!(broker.depth(&names.deliver()).await, 0);
+
+    // discard without --yes (and no terminal to ask) only says what it would remove.
+    let (code, out, err) = dlq(&["discard", "--reason", "invalid_event"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("2 dead letter(s) in"), "{out}");
+    assert!(out.contains("invalid_event"), "{out}");
+    assert!(out.contains("nothing removed: pass --yes"), "{out}");
+    let (code, out, _) = dlq(&["discard", "--reason", "invalid_event", "--dry-run", "--yes"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("dry run: nothing removed"), "{out}");
+    assert_eq!(depth().await, 5);
+    let (code, out, err) = dlq(&["discard", "--reason", "invalid_event", "--yes"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("removed 2 dead letter(s)"), "{out}");
+
+    // A replay without --reason now has nothing invalid to leave.
+    let (code, out, err) = dlq(&["replay", "--account", "nobody"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("replayed 1 of 3"), "{out}");
+    let left = broker.drain(&names.dead()).await;
+    let reasons: Vec<String> = left
+        .iter()
+        .map(|(_, h)| header_str(h, "x-courier-reason").unwrap_or_default())
+        .collect();
+    assert_eq!(reasons, ["rejected_422", "rejected_422"], "{reasons:?}");
+    assert_eq!(broker.depth(&names.deliver()).await, 1);
 }
