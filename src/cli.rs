@@ -46,20 +46,32 @@ pub enum Command {
         command: DlqCommand,
     },
     /// A local receiver for trying a setup: accepts POST on any path, prints a line each.
+    /// Needs no configuration file (--config does not apply).
     Receive {
         /// Address to listen on, e.g. 127.0.0.1:8787.
         #[arg(long)]
         listen: SocketAddr,
         /// Verify signatures with this secret (answer 401 when they do not match).
-        #[arg(long, env = "COURIER_RECEIVE_SECRET", hide_env_values = true)]
-        secret: Option<String>,
-        /// The signature header to verify.
-        #[arg(long, default_value = DEFAULT_SIGNATURE_HEADER)]
+        /// `/PREFIX=SECRET` applies to paths starting with /PREFIX (the longest prefix
+        /// wins) and may be repeated beside one plain SECRET for the other paths.
+        #[arg(
+            long,
+            env = "COURIER_RECEIVE_SECRET",
+            hide_env_values = true,
+            value_name = "[/PREFIX=]SECRET"
+        )]
+        secret: Vec<String>,
+        /// The signature header to verify (an account's `signature_header`).
+        #[arg(long, env = "COURIER_RECEIVE_HEADER", default_value = DEFAULT_SIGNATURE_HEADER)]
         header: String,
         /// The largest body accepted, in bytes (a larger one is answered 413); the default
         /// is the default `delivery.max_body_bytes`, 5 MiB.
         #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_BODY)]
         max_body: usize,
+        /// Keep each request: DIR/NNNNNN.body (the bytes received) and
+        /// DIR/NNNNNN.headers.
+        #[arg(long, value_name = "DIR")]
+        save: Option<PathBuf>,
     },
 }
 

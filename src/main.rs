@@ -82,14 +82,22 @@ async fn dispatch(cli: Cli) -> u8 {
             secret,
             header,
             max_body,
-        } => {
-            let options = commands::receive::ReceiveOptions {
-                secret: secret.clone(),
-                header: header.clone(),
-                max_body: *max_body,
-            };
-            receive(*listen, options).await
-        }
+            save,
+        } => match commands::receive::Secrets::parse(secret) {
+            Ok(secrets) => {
+                let options = commands::receive::ReceiveOptions {
+                    secrets,
+                    header: header.clone(),
+                    max_body: *max_body,
+                    save: save.clone(),
+                };
+                receive(*listen, options).await
+            }
+            Err(message) => Err(Failure {
+                code: CONFIG_ERROR,
+                message,
+            }),
+        },
         command => match load(&cli) {
             Ok(settings) => {
                 if !matches!(command, Command::Check) {
