@@ -28,8 +28,14 @@ pub struct Cli {
 pub enum Command {
     /// Run the worker: declare topology, consume, batch, sign, deliver, dead-letter, serve admin.
     Run,
-    /// Validate the configuration and print a summary.
-    Check,
+    /// Validate the configuration and print a summary, with warnings about what cannot
+    /// work as it stands (exit 0 all the same).
+    Check {
+        /// Resolve no names and leave the broker alone (the checks that need them are
+        /// skipped).
+        #[arg(long)]
+        offline: bool,
+    },
     /// Declare the broker topology only.
     Setup,
     /// Publish NDJSON events (a file, or stdin) with publisher confirms.

@@ -100,7 +100,7 @@ async fn dispatch(cli: Cli) -> u8 {
         },
         command => match load(&cli) {
             Ok(settings) => {
-                if !matches!(command, Command::Check) {
+                if !matches!(command, Command::Check { .. }) {
                     telemetry::init(&settings.log.level, settings.log.format);
                 }
                 run_command(command, settings).await
@@ -134,7 +134,13 @@ fn load(cli: &Cli) -> Result<Settings, Failure> {
 
 async fn run_command(command: &Command, settings: Settings) -> Result<Report, Failure> {
     match command {
-        Command::Check => Ok(commands::check_summary(&settings).into()),
+        Command::Check { offline } => {
+            let warnings = commands::check::warnings(&settings, *offline).await;
+            Ok(Report {
+                stdout: commands::check_summary(&settings),
+                notes: warnings.iter().map(|w| format!("warning: {w}")).collect(),
+            })
+        }
         Command::Setup => commands::setup(&settings)
             .await
             .map(Report::from)

@@ -26,6 +26,10 @@ fn check_accepts_a_good_config_and_hides_secrets() {
     let (code, stdout, stderr) = output(
         courier(&["check", "--config", path.to_str().unwrap()]).env("IT_SECRET", "s3cr3t-value"),
     );
+    assert!(
+        !stderr.contains("private-network guard"),
+        "a documentation name: {stderr}"
+    );
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("acme"), "{stdout}");
     assert!(stdout.contains("https://hooks.example.com:443"), "{stdout}");

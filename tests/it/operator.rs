@@ -354,3 +354,70 @@ async fn dlq_show_discard_and_replay_filters() {
     assert_eq!(reasons, ["rejected_422", "rejected_422"], "{reasons:?}");
     assert_eq!(broker.depth(&names.deliver()).await, 1);
 }
+
+#[tokio::test]
+async fn check_warns_about_a_loopback_url_with_the_guard_on_and_about_old_tiers() {
+    let names = Names::new();
+    let broker = Broker::connect(&names, &["1m", "5m"]).await;
+    let accounts = "[[account]]\nid = \"acme\"\ncompanies_url = \"http://127.0.0.1:8080/secret-path\"\n\
+                    contacts_url = \"http://localhost:8080/other\"\n\
+                    [[account]]\nid = \"globex\"\ncompanies_url = \"https://hooks.globex.example/x\"\n";
+    let old = ConfigSpec {
+        retry: "schedule = [\"1m\", \"5m\"]".into(),
+        accounts: accounts.into(),
+        ..Default::default()
+    };
+    let path = write_config(&config_text(&names, &old));
+    let config = path.to_str().unwrap();
+    let (code, _, err) = output(&mut courier(&["setup", "--config", config]));
+    assert_eq!(code, 0, "{err}");
+    // The schedule loses its 1m tier, and the guard is on.
+    let new = ConfigSpec {
+        retry: "schedule = [\"5m\"]".into(),
+        ..old
+    };
+    let text = config_text(&names, &new).replace(
+        "allow_private_networks = true",
+        "allow_private_networks = false",
+    );
+    std::fs::write(&path, text).unwrap();
+    let (code, out, err) = output(&mut courier(&["check", "--config", config]));
+    assert_eq!(code, 0, "warnings do not fail the check: {err}");
+    assert!(out.contains("is valid"), "{out}");
+    let warning = |needle: &str| {
+        err.lines()
+            .find(|l| l.starts_with("warning: ") && l.contains(needle))
+            .unwrap_or_else(|| panic!("no warning with {needle:?} in:\n{err}"))
+            .to_owned()
+    };
+    let companies = warning("account.companies_url");
+    assert!(companies.contains("account \"acme\""), "{companies}");
+    assert!(companies.contains("http://127.0.0.1:8080"), "{companies}");
+    assert!(companies.contains("loopback"), "{companies}");
+    assert!(warning("account.contacts_url").contains("localhost"));
+    assert!(
+        !err.contains("globex"),
+        "a public name is no warning: {err}"
+    );
+    assert!(
+        !err.contains("secret-path") && !err.contains("/other"),
+        "{err}"
+    );
+    let stale = warning(&format!("{}.retry.1m", names.prefix));
+    assert!(stale.contains("not in retry.schedule"), "{stale}");
+    assert!(!err.contains(".retry.5m"), "{err}");
+
+    // --offline leaves the broker alone; allowing private networks silences the guard.
+    let (code, _, err) = output(&mut courier(&["check", "--offline", "--config", config]));
+    assert_eq!(code, 0);
+    assert!(
+        !err.contains("retry.1m") && err.contains("loopback"),
+        "{err}"
+    );
+    let allowed = config_text(&names, &new);
+    std::fs::write(&path, allowed).unwrap();
+    let (code, _, err) = output(&mut courier(&["check", "--offline", "--config", config]));
+    assert_eq!(code, 0);
+    assert!(!err.contains("warning"), "{err}");
+    drop(broker);
+}
