@@ -100,8 +100,10 @@ async fn dispatch(cli: Cli) -> u8 {
         },
         command => match load(&cli) {
             Ok(settings) => {
-                if !matches!(command, Command::Check { .. }) {
-                    telemetry::init(&settings.log.level, settings.log.format);
+                match command {
+                    Command::Check { .. } => {}
+                    Command::Run => telemetry::init(&settings.log.level, settings.log.format),
+                    _ => telemetry::init_command(&settings.log.level, settings.log.format),
                 }
                 run_command(command, settings).await
             }

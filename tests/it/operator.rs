@@ -421,3 +421,83 @@ async fn check_warns_about_a_loopback_url_with_the_guard_on_and_about_old_tiers(
     assert!(!err.contains("warning"), "{err}");
     drop(broker);
 }
+
+/// Runs a command; its exit code and its stderr, which must be exactly one line.
+fn one_line_error(args: &[&str], stdin: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = courier(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+    assert_eq!(err.lines().count(), 1, "{args:?}: not one line:\n{err}");
+    assert!(err.starts_with("courier: "), "{err}");
+    assert!(!err.contains("ERROR") && !err.contains("WARN"), "{err}");
+    err
+}
+
+#[tokio::test]
+async fn broker_errors_of_commands_are_one_clear_line() {
+    let names = Names::new();
+    let broker = Broker::connect(&names, &["30s"]).await;
+    let spec = ConfigSpec {
+        accounts: account("http://127.0.0.1:9/", 1),
+        ..Default::default()
+    };
+    let text = config_text(&names, &spec);
+    let path = write_config(&text);
+    let config = path.to_str().unwrap();
+    let line = event("one", "acme", "company");
+
+    // No exchange at all; then an exchange with no queue bound to it.
+    let err = one_line_error(&["publish", "--config", config], &line);
+    assert!(
+        err.contains(&format!("no exchange '{}'", names.exchange)),
+        "{err}"
+    );
+    let channel = broker.conn.create_channel().await.unwrap();
+    channel
+        .exchange_declare(
+            names.exchange.as_str().into(),
+            lapin::ExchangeKind::Topic,
+            lapin::options::ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let err = one_line_error(&["publish", "--config", config], &line);
+    assert!(err.contains("no queue is bound to exchange"), "{err}");
+    assert!(err.contains("run `courier setup` once"), "{err}");
+    assert!(
+        !err.contains("record_id"),
+        "the message is not dumped: {err}"
+    );
+
+    // A missing dead-letter queue.
+    let err = one_line_error(&["dlq", "list", "--config", config], b"");
+    assert!(
+        err.contains(&format!("no queue '{}'", names.dead())),
+        "{err}"
+    );
+
+    // A wrong password, and nothing listening.
+    let wrong = write_config(&text.replace("guest:guest@", "guest:n0t-the-password@"));
+    let err = one_line_error(&["dlq", "list", "--config", wrong.to_str().unwrap()], b"");
+    assert!(err.contains("refused the login"), "{err}");
+    assert!(!err.contains("n0t-the-password"), "{err}");
+    let refused = write_config(&text.replace("127.0.0.1:5672", "127.0.0.1:9"));
+    let err = one_line_error(&["setup", "--config", refused.to_str().unwrap()], b"");
+    assert_eq!(
+        err.matches("cannot connect to the broker").count(),
+        1,
+        "{err}"
+    );
+}
