@@ -118,9 +118,10 @@ impl Reloader {
 /// Loads the file of `current` again and checks that it can take effect.
 async fn accept(current: &Settings) -> Result<Settings, String> {
     let new = config::load(&current.source).map_err(|e| e.to_string())?;
-    if let Some(section) = config::restart_only_change(current, &new) {
+    if let Some(key) = config::restart_only_change(current, &new) {
         return Err(format!(
-            "{section} changed: it needs a restart; the reload was refused"
+            "{}: {key} changed, which needs a restart; the reload was refused",
+            new.source.display()
         ));
     }
     // Build the new HTTP client now, so a reload that cannot take effect is refused.

@@ -75,6 +75,24 @@ fn config_errors_exit_2_naming_the_key() {
         ),
         (format!("{GOOD}colour = \"blue\"\n"), "colour"),
         (
+            format!("{GOOD}flush_interval = 2\n"),
+            "account.flush_interval",
+        ),
+        (
+            format!("{GOOD}[broker]\nprefetch = 5\n"),
+            "the table [broker] appears twice",
+        ),
+        (
+            format!("{GOOD}shutdown_timeout = \"5s\"\n"),
+            "shutdown_timeout is a top-level key",
+        ),
+        (
+            format!(
+                "{GOOD}hmac_secret = \"${{IT_UNSET_1}}\"\nheaders = {{ A = \"${{IT_UNSET_2}}\" }}\n"
+            ),
+            "2 environment variables are not set",
+        ),
+        (
             format!(
                 "{GOOD}standard_webhooks_secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n"
             ),

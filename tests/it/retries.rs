@@ -623,4 +623,10 @@ async fn sighup_applies_a_new_batch_size_and_keeps_the_old_config_on_errors() {
         wait_exit(&mut child.0, Duration::from_secs(20)).await,
         Some(0)
     );
+    // The refused reload named the key that needs a restart.
+    let logged = std::fs::read_to_string(path.with_file_name("courier.log")).unwrap();
+    assert!(
+        logged.contains("broker.prefetch changed, which needs a restart"),
+        "{logged}"
+    );
 }
