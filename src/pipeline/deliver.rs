@@ -223,7 +223,7 @@ impl Context {
             Outcome::Retryable { .. } => RequestOutcome::Retryable,
         };
         let duration = started.elapsed();
-        metrics.request(&key.0, key.1, label, duration);
+        metrics.request(&key.0, key.1, events, label, duration);
         if tracing::enabled!(tracing::Level::DEBUG) {
             let (status, error) = match &outcome {
                 Outcome::Delivered { status } | Outcome::Rejected { status } => {

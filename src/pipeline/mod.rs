@@ -188,10 +188,15 @@ impl Worker {
             drop(cx);
             self.set_ready(false);
             match ended {
-                Ended::Shutdown => {
-                    session
+                Ended::Shutdown { flushed } => {
+                    let left = session
                         .shut_down(intake.live.settings.shutdown_timeout)
                         .await;
+                    tracing::info!(
+                        batches_flushed = flushed,
+                        events_left = left,
+                        "shutdown: {flushed} open batch(es) flushed; {left} event(s) left unacknowledged for the broker to redeliver"
+                    );
                     break;
                 }
                 Ended::Lost(error) => {

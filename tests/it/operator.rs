@@ -36,7 +36,13 @@ async fn dead_letters_keep_the_real_status_and_error_after_the_circuit_opened() 
             .await,
         12
     );
+    let sizes = worker.metric("courier_batch_size_count", &[("account", "acme")]);
     worker.shutdown().await;
+    assert_eq!(
+        sizes,
+        receiver.requests().len() as f64,
+        "courier_batch_size counts requests, not batches parked by the circuit"
+    );
     // Each event needed two attempts to be exhausted; the circuit refused most of them.
     assert!(
         receiver.requests().len() < 24,
@@ -160,6 +166,11 @@ async fn deliveries_retries_and_dead_letterings_are_logged_at_their_levels() {
     assert_eq!(rejected["level"], "WARN");
     assert_eq!(rejected["status"], 422);
     assert_eq!(rejected["ids"], "bad-1");
+    // The shutdown says what it flushed and what it left for redelivery.
+    let shutdown = log_lines(&text, "shutdown:");
+    assert_eq!(shutdown.len(), 1, "{text}");
+    assert_eq!(shutdown[0]["events_left"], 0);
+    assert!(shutdown[0]["batches_flushed"].is_u64(), "{}", shutdown[0]);
     let exhausted = of("retries_exhausted");
     assert_eq!(exhausted["level"], "WARN");
     assert_eq!(exhausted["status"], 500);
@@ -247,7 +258,7 @@ async fn dead_letters_of_every_kind(names: &Names, broker: &Broker) -> std::path
     broker
         .publish(&[
             b"not json".to_vec(),
-            br#"{"id":"half"}"#.to_vec(),
+            br#"{"id":"half","account":"acme","type":"company"}"#.to_vec(),
             event("who-1", "nobody", "company"),
             event("rej-1", "acme", "company"),
             event("rej-2", "acme", "company"),
@@ -259,6 +270,14 @@ async fn dead_letters_of_every_kind(names: &Names, broker: &Broker) -> std::path
             .await,
         5
     );
+    // Labels take configured values only: acme for the event that names it.
+    let invalid = |account| {
+        worker.metric(
+            "courier_events_dead_lettered_total",
+            &[("reason", "invalid_event"), ("account", account)],
+        )
+    };
+    assert_eq!((invalid("(unknown)"), invalid("acme")), (1.0, 1.0));
     worker.shutdown().await;
     path
 }
