@@ -11,8 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use secrecy::ExposeSecret;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
+use url::Url;
 
 use super::Key;
 use super::batch::Limits;
@@ -24,7 +25,7 @@ use super::session::Tasks;
 use super::settle::{DeadLetter, Pending, Settler};
 use super::warnings::DeadLetterLog;
 use crate::circuit::{Admission, Breakers};
-use crate::config::{Account, CircuitSettings, redact_url};
+use crate::config::{Account, CircuitSettings, Settings, redact_url};
 use crate::event::RecordType;
 use crate::http::{Outcome, Request, encode_body};
 use crate::metrics::{Metrics, RequestOutcome};
@@ -35,17 +36,29 @@ use crate::sign;
 pub struct Deliveries {
     pub metrics: Arc<Metrics>,
     pub circuits: Mutex<Breakers<Key>>,
+    /// The configuration in force (reloads replace it): whether a batch's URL is still
+    /// its destination's.
+    pub settings: watch::Receiver<Arc<Settings>>,
     /// Dead-letterings logged, summarised per account, type and reason.
     pub dead_log: Mutex<DeadLetterLog>,
 }
 
 impl Deliveries {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    pub fn new(metrics: Arc<Metrics>, settings: watch::Receiver<Arc<Settings>>) -> Self {
         Self {
             metrics,
             circuits: Mutex::new(Breakers::default()),
+            settings,
             dead_log: Mutex::new(DeadLetterLog::default()),
         }
+    }
+
+    /// Whether `url` is still the URL of destination `key`: a batch formed before a
+    /// reload that moved it tells nothing about the new receiver.
+    fn is_current(&self, key: &Key, url: &Url) -> bool {
+        let settings = self.settings.borrow();
+        let account = settings.accounts.get(&*key.0);
+        account.and_then(|a| a.url(key.1)) == Some(url)
     }
 
     /// Closes the circuits of destinations whose URL changed: another receiver.
@@ -189,9 +202,14 @@ impl Context {
             return Attempted::CircuitOpen { cause };
         }
         let probe = ProbeGuard::new(&self.shared, key, admission);
+        let url = request.url;
         let outcome = self.send(live, request, key, destination).await;
-        probe.disarm();
-        self.note_circuit(key, admission, &outcome, &live.settings.circuit);
+        if self.shared.is_current(key, url) {
+            probe.disarm();
+            self.note_circuit(key, admission, &outcome, &live.settings.circuit);
+        }
+        // Otherwise the URL was changed by a reload meanwhile: the outcome is not the new
+        // receiver's (an armed probe guard lets the next batch probe).
         Attempted::Sent { admission, outcome }
     }
 

@@ -145,7 +145,10 @@ impl Worker {
         let broker = Arc::new(self.settings.broker.clone());
         let name = format!("courier publish {}", broker.queue_prefix);
         let publisher = Arc::new(Publisher::connect(&broker.urls, &name).await?);
-        let shared = Arc::new(Deliveries::new(self.metrics.clone()));
+        let shared = Arc::new(Deliveries::new(
+            self.metrics.clone(),
+            self.current.subscribe(),
+        ));
         let summaries_stop = CancellationToken::new();
         let _stop_summaries = summaries_stop.clone().drop_guard();
         let summaries = tokio::spawn(log_dead_summaries(shared.clone(), summaries_stop.clone()));

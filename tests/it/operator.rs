@@ -520,3 +520,73 @@ async fn broker_errors_of_commands_are_one_clear_line() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn requests_to_the_old_url_after_a_reload_do_not_open_the_new_circuit() {
+    // The old receiver answers 500, slowly: its answers come after the reload.
+    let old = Receiver::start().await;
+    old.set_status(500);
+    old.set_delay(Duration::from_millis(1500));
+    let new = Receiver::start().await;
+    let names = Names::new();
+    let broker = Broker::connect(&names, &["1s", "5m"]).await;
+    let spec = ConfigSpec {
+        retry: "immediate_attempts = 1\nschedule = [\"1s\", \"5m\"]".into(),
+        top: "[circuit]\nfailure_threshold = 2\ncooldown = \"60s\"\nmax_cooldown = \"60s\"".into(),
+        accounts: account(&old.url("/hook"), 1),
+        ..Default::default()
+    };
+    let text = config_text(&names, &spec);
+    let path = write_config(&text);
+    let mut running = start_courier(&path, &path.with_file_name("courier.log")).await;
+    let admin = running.admin;
+    let metric = |name: &'static str, labels: &'static [(&'static str, &'static str)]| async move {
+        metric_value(&http_get(admin, "/metrics").await.1, name, labels)
+    };
+    broker
+        .publish(&[
+            event("s1", "acme", "company"),
+            event("s2", "acme", "company"),
+        ])
+        .await;
+    assert!(
+        eventually(Duration::from_secs(5), || old.in_flight().len() == 2).await,
+        "the two requests never reached the old receiver"
+    );
+    std::fs::write(&path, text.replace(&old.url("/hook"), &new.url("/hook"))).unwrap();
+    sighup(&running.proc.0);
+    assert!(
+        eventually_async(Duration::from_secs(5), || async {
+            metric("courier_config_reloads_total", &[("result", "ok")]).await == 1.0
+        })
+        .await
+    );
+    // The two old requests fail now: two failures, the threshold, but not the new URL's.
+    assert!(
+        eventually(Duration::from_secs(5), || old
+            .requests()
+            .iter()
+            .all(|r| r.answered))
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        metric("courier_circuit_open", &[("account", "acme")]).await,
+        0.0
+    );
+    let fresh: Vec<Vec<u8>> = (0..5)
+        .map(|i| event(&format!("t{i}"), "acme", "company"))
+        .collect();
+    broker.publish(&fresh).await;
+    assert_eq!(
+        new.wait_for_distinct(7, Duration::from_secs(10)).await,
+        7,
+        "the fresh events and the two from the 1s tier"
+    );
+    assert_eq!(broker.depth(&format!("{}.retry.5m", names.prefix)).await, 0);
+    sigterm(&running.proc.0);
+    assert_eq!(
+        wait_exit(&mut running.proc.0, Duration::from_secs(20)).await,
+        Some(0)
+    );
+}
