@@ -178,6 +178,35 @@ async fn deliveries_retries_and_dead_letterings_are_logged_at_their_levels() {
     assert_eq!(exhausted["ids"], "down-1");
 }
 
+/// A metric of the courier subprocess with admin port `admin`, for account acme.
+async fn acme_metric(admin: u16, name: &str) -> f64 {
+    metric_value(
+        &http_get(admin, "/metrics").await.1,
+        name,
+        &[("account", "acme")],
+    )
+}
+
+/// Writes `text` to the config file of `running` and reloads it; waits until the
+/// worker counted the `ok` reload.
+async fn reload(running: &Running, path: &std::path::Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    sighup(&running.proc.0);
+    let admin = running.admin;
+    assert!(
+        eventually_async(Duration::from_secs(5), || async move {
+            let metrics = http_get(admin, "/metrics").await.1;
+            metric_value(
+                &metrics,
+                "courier_config_reloads_total",
+                &[("result", "ok")],
+            ) == 1.0
+        })
+        .await,
+        "the reload was not applied"
+    );
+}
+
 #[tokio::test]
 async fn a_reload_that_fixes_a_destination_closes_its_circuit() {
     let receiver = Receiver::start().await;
@@ -194,37 +223,21 @@ async fn a_reload_that_fixes_a_destination_closes_its_circuit() {
     let path = write_config(&text);
     let mut running = start_courier(&path, &path.with_file_name("courier.log")).await;
     let admin = running.admin;
-    let metric = |name: &'static str, labels: &'static [(&'static str, &'static str)]| async move {
-        metric_value(&http_get(admin, "/metrics").await.1, name, labels)
-    };
     let broken: Vec<Vec<u8>> = (0..3)
         .map(|i| event(&format!("b{i}"), "acme", "company"))
         .collect();
     broker.publish(&broken).await;
     assert!(
         eventually_async(Duration::from_secs(10), || async {
-            metric("courier_circuit_open", &[("account", "acme")]).await == 1.0
+            acme_metric(admin, "courier_circuit_open").await == 1.0
         })
         .await,
         "the circuit never opened"
     );
     // The operator corrects the URL and reloads: the circuit closes at once.
-    std::fs::write(
-        &path,
-        text.replace("http://127.0.0.1:9/hook", &receiver.url("/hook")),
-    )
-    .unwrap();
-    sighup(&running.proc.0);
-    assert!(
-        eventually_async(Duration::from_secs(5), || async {
-            metric("courier_config_reloads_total", &[("result", "ok")]).await == 1.0
-        })
-        .await
-    );
-    assert_eq!(
-        metric("courier_circuit_open", &[("account", "acme")]).await,
-        0.0
-    );
+    let fixed = text.replace("http://127.0.0.1:9/hook", &receiver.url("/hook"));
+    reload(&running, &path, &fixed).await;
+    assert_eq!(acme_metric(admin, "courier_circuit_open").await, 0.0);
     let fresh: Vec<Vec<u8>> = (0..10)
         .map(|i| event(&format!("f{i}"), "acme", "company"))
         .collect();
@@ -539,10 +552,6 @@ async fn requests_to_the_old_url_after_a_reload_do_not_open_the_new_circuit() {
     let text = config_text(&names, &spec);
     let path = write_config(&text);
     let mut running = start_courier(&path, &path.with_file_name("courier.log")).await;
-    let admin = running.admin;
-    let metric = |name: &'static str, labels: &'static [(&'static str, &'static str)]| async move {
-        metric_value(&http_get(admin, "/metrics").await.1, name, labels)
-    };
     broker
         .publish(&[
             event("s1", "acme", "company"),
@@ -553,14 +562,12 @@ async fn requests_to_the_old_url_after_a_reload_do_not_open_the_new_circuit() {
         eventually(Duration::from_secs(5), || old.in_flight().len() == 2).await,
         "the two requests never reached the old receiver"
     );
-    std::fs::write(&path, text.replace(&old.url("/hook"), &new.url("/hook"))).unwrap();
-    sighup(&running.proc.0);
-    assert!(
-        eventually_async(Duration::from_secs(5), || async {
-            metric("courier_config_reloads_total", &[("result", "ok")]).await == 1.0
-        })
-        .await
-    );
+    reload(
+        &running,
+        &path,
+        &text.replace(&old.url("/hook"), &new.url("/hook")),
+    )
+    .await;
     // The two old requests fail now: two failures, the threshold, but not the new URL's.
     assert!(
         eventually(Duration::from_secs(5), || old
@@ -571,7 +578,7 @@ async fn requests_to_the_old_url_after_a_reload_do_not_open_the_new_circuit() {
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
-        metric("courier_circuit_open", &[("account", "acme")]).await,
+        acme_metric(running.admin, "courier_circuit_open").await,
         0.0
     );
     let fresh: Vec<Vec<u8>> = (0..5)
