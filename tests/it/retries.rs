@@ -438,6 +438,23 @@ async fn the_broker_delivery_limit_dead_letters_and_replay_delivers() {
             .any(|l| l.starts_with("delivery_limit") && l.contains("limited")),
         "{stdout}"
     );
+    // `dlq show` gives the broker's x-death summary of such a letter.
+    let (code, stdout, stderr) = output(&mut courier(&[
+        "dlq",
+        "show",
+        "--reason",
+        "delivery_limit",
+        "--config",
+        config,
+    ]));
+    assert_eq!(code, 0, "{stderr}");
+    let deliver = names.deliver();
+    assert!(
+        stdout.contains(&format!(
+            "x-death: reason delivery_limit, queue {deliver}, count 1"
+        )),
+        "{stdout}"
+    );
     receiver.set_delay(Duration::ZERO);
     let (code, stdout, stderr) = output(&mut courier(&[
         "dlq",
