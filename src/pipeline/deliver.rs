@@ -228,7 +228,7 @@ impl Context {
     ) -> Outcome {
         let metrics = &self.shared.metrics;
         let (events, attempt) = (request.event_count, request.attempt);
-        let delivery_id = request.delivery_id.to_owned();
+        let delivery_id = request.delivery_id;
         metrics.inflight_add(1);
         let _inflight = scopeguard(|| metrics.inflight_add(-1));
         let started = Instant::now();
@@ -354,15 +354,17 @@ impl Context {
                     let tier = humantime::format_duration(*delay);
                     tracing::info!(account = %account.id, r#type = %kind, events, %tier, status = failure.status, error = %failure.error, %destination, "scheduled retry");
                 }
-                let dead = DeadLetter {
-                    reason: "retries_exhausted".into(),
-                    account: account.id.to_string(),
-                    kind: kind.as_str().to_owned(),
-                    status: failure.status,
-                    error: failure.error,
-                    destination: Some(destination.to_owned()),
-                };
-                self.log_dead_letters(&dead, &scheduled.exhausted);
+                if !scheduled.exhausted.is_empty() {
+                    let dead = DeadLetter {
+                        reason: "retries_exhausted".into(),
+                        account: account.id.to_string(),
+                        kind: kind.as_str().to_owned(),
+                        status: failure.status,
+                        error: failure.error,
+                        destination: Some(destination.to_owned()),
+                    };
+                    self.log_dead_letters(&dead, &scheduled.exhausted);
+                }
             }
             Step::Wait(_) => unreachable!("waiting is the delivery loop's"),
         }
