@@ -9,7 +9,7 @@
 //! failed delivery by RabbitMQ 4.3 and newer, where closing the channel or a reject
 //! would be.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{IsTerminal, Write};
 
 use lapin::message::Delivery;
@@ -192,9 +192,9 @@ struct Reader {
     progress: bool,
     /// Messages read so far.
     examined: usize,
-    /// Delivery tags read and not acknowledged, in increasing order: given back at the
-    /// end, up to the last (a `multiple` nack must name a tag still unacknowledged).
-    unacked: Vec<u64>,
+    /// Delivery tags read and not acknowledged: given back at the end, up to the last
+    /// (a `multiple` nack must name a tag still unacknowledged).
+    unacked: BTreeSet<u64>,
 }
 
 impl Reader {
@@ -225,7 +225,7 @@ impl Reader {
             queue,
             progress: std::io::stderr().is_terminal(),
             examined: 0,
-            unacked: Vec::new(),
+            unacked: BTreeSet::new(),
         })
     }
 
@@ -247,7 +247,7 @@ impl Reader {
             return Ok(None);
         };
         let delivery = message.delivery;
-        self.unacked.push(delivery.delivery_tag);
+        self.unacked.insert(delivery.delivery_tag);
         self.examined += 1;
         if self.progress && (self.examined.is_multiple_of(100) || self.examined == self.count) {
             eprint!("\rread {}/{}", self.examined, self.count);
@@ -263,9 +263,7 @@ impl Reader {
             .basic_ack(tag, BasicAckOptions::default())
             .await
             .map_err(BrokerError::amqp("acknowledging"))?;
-        if let Ok(at) = self.unacked.binary_search(&tag) {
-            self.unacked.remove(at);
-        }
+        self.unacked.remove(&tag);
         Ok(())
     }
 
