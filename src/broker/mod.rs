@@ -77,7 +77,7 @@ pub enum BrokerError {
         detail: String,
     },
     /// Any other AMQP failure.
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", reason(.source))]
     Amqp {
         context: String,
         #[source]
@@ -101,6 +101,25 @@ impl BrokerError {
     }
 }
 
+/// What a lapin error says, in one line: the broker's own reply (`NOT_FOUND - no queue
+/// 'courier.dead' in vhost '/'`) rather than lapin's wrapping of it, and what to do about
+/// a refused login.
+pub fn reason(error: &lapin::Error) -> String {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => {
+            let text = amqp.get_message().to_string();
+            if text.starts_with("ACCESS_REFUSED - Login was refused") {
+                "the broker refused the login: check the user and password of broker.url \
+                 (or COURIER_AMQP_URL)"
+                    .into()
+            } else {
+                text
+            }
+        }
+        _ => error.to_string(),
+    }
+}
+
 /// Connects to the first node that answers, after checking its version. `name` shows in
 /// `rabbitmqctl list_connections`.
 pub async fn connect(urls: &[BrokerUrl], name: &str) -> Result<Connection, BrokerError> {
@@ -119,11 +138,14 @@ pub async fn connect_versioned(
             Ok(connected) => return Ok(connected),
             Err(e) if e.is_fatal() => return Err(e),
             Err(e) => {
-                tracing::warn!(node = %url.display, error = %e, "broker node did not answer");
-                last = match e {
+                let why = match e {
                     BrokerError::Connect { last, .. } => last,
-                    other => other.to_string(),
+                    e => e.to_string(),
                 };
+                if urls.len() > 1 {
+                    tracing::warn!(node = %url.display, error = %why, "broker node did not answer");
+                }
+                last = why;
             }
         }
     }
@@ -188,7 +210,7 @@ async fn connect_one(
     )
     .await
     .map_err(|_| unreachable("timed out".into()))?
-    .map_err(|e| unreachable(e.to_string()))?;
+    .map_err(|e| unreachable(reason(&e)))?;
     Ok((conn, parsed))
 }
 

@@ -1,5 +1,6 @@
 //! The commands besides `run`: `check`, `setup`, `publish` and `receive`.
 
+pub mod check;
 pub mod dlq;
 pub mod publish;
 pub mod receive;

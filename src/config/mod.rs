@@ -106,23 +106,54 @@ pub struct Settings {
     pub accounts: HashMap<String, Arc<Account>>,
 }
 
-/// The first section that differs between two configurations and needs a restart
-/// (`[broker]`, `[admin]`, `[log]`); `None` when a reload may apply `new`.
+/// The first key that differs between two configurations and needs a restart (e.g.
+/// `broker.prefetch`), or its section (`[broker]`, `[admin]`, `[log]`) when no key
+/// listed here differs; `None` when a reload may apply `new`.
 ///
 /// Each of these sections is compared whole, by its derived equality, so a key added to
-/// one of them needs a restart too without anyone remembering to list it here.
-/// `delivery.ordering` needs a restart as well (docs/configuration.md); this release
-/// accepts only `"none"`, so there is nothing to compare yet: a typed ordering setting
-/// belongs in this list.
+/// one of them needs a restart too without anyone remembering to list it here: it is
+/// then named by its section. `delivery.ordering` needs a restart as well
+/// (docs/configuration.md); this release accepts only `"none"`, so there is nothing to
+/// compare yet: a typed ordering setting belongs in this list.
 pub fn restart_only_change(old: &Settings, new: &Settings) -> Option<&'static str> {
-    [
-        ("[broker]", old.broker == new.broker),
-        ("[admin]", old.admin == new.admin),
-        ("[log]", old.log == new.log),
-    ]
-    .into_iter()
-    .find(|(_, same)| !same)
-    .map(|(section, _)| section)
+    let (b, nb) = (&old.broker, &new.broker);
+    let sections = [
+        (
+            "[broker]",
+            b == nb,
+            vec![
+                ("broker.url", b.urls == nb.urls),
+                ("broker.exchange", b.exchange == nb.exchange),
+                ("broker.queue_prefix", b.queue_prefix == nb.queue_prefix),
+                ("broker.prefetch", b.prefetch == nb.prefetch),
+                ("broker.shards", b.shards == nb.shards),
+                (
+                    "broker.max_event_bytes",
+                    b.max_event_bytes == nb.max_event_bytes,
+                ),
+                (
+                    "broker.delivery_limit",
+                    b.delivery_limit == nb.delivery_limit,
+                ),
+            ],
+        ),
+        (
+            "[admin]",
+            old.admin == new.admin,
+            vec![("admin.listen", old.admin.listen == new.admin.listen)],
+        ),
+        (
+            "[log]",
+            old.log == new.log,
+            vec![
+                ("log.level", old.log.level == new.log.level),
+                ("log.format", old.log.format == new.log.format),
+            ],
+        ),
+    ];
+    let (section, _, keys) = sections.into_iter().find(|(_, same, _)| !same)?;
+    let key = keys.into_iter().find(|(_, same)| !same).map(|(key, _)| key);
+    Some(key.unwrap_or(section))
 }
 
 /// `[broker]`. Needs a restart to change.
@@ -403,15 +434,15 @@ mod tests {
     fn restart_only_sections_are_refused_on_reload() {
         let old = parse_with(MINIMAL, &[]).unwrap();
         let changes = [
-            ("broker", "exchange = \"other\"", "[broker]"),
-            ("broker", "queue_prefix = \"other\"", "[broker]"),
-            ("broker", "prefetch = 999", "[broker]"),
-            ("broker", "shards = 5", "[broker]"),
-            ("broker", "max_event_bytes = 1000", "[broker]"),
-            ("broker", "delivery_limit = 11", "[broker]"),
-            ("admin", "listen = \"127.0.0.1:9465\"", "[admin]"),
-            ("log", "level = \"debug\"", "[log]"),
-            ("log", "format = \"json\"", "[log]"),
+            ("broker", "exchange = \"other\"", "broker.exchange"),
+            ("broker", "queue_prefix = \"other\"", "broker.queue_prefix"),
+            ("broker", "prefetch = 999", "broker.prefetch"),
+            ("broker", "shards = 5", "broker.shards"),
+            ("broker", "max_event_bytes = 1000", "broker.max_event_bytes"),
+            ("broker", "delivery_limit = 11", "broker.delivery_limit"),
+            ("admin", "listen = \"127.0.0.1:9465\"", "admin.listen"),
+            ("log", "level = \"debug\"", "log.level"),
+            ("log", "format = \"json\"", "log.format"),
         ];
         for (section, line, refused) in changes {
             let new = with(section, line);
@@ -420,7 +451,26 @@ mod tests {
         // The whole URL counts, its password too.
         let url = MINIMAL.replace("secretpw", "newpw");
         let new = parse_with(&url, &[]).unwrap();
-        assert_eq!(restart_only_change(&old, &new), Some("[broker]"));
+        assert_eq!(restart_only_change(&old, &new), Some("broker.url"));
+    }
+
+    #[test]
+    fn a_table_twice_and_a_top_level_key_after_the_accounts_are_named() {
+        let twice = MINIMAL.replace("[[account]]", "[broker]\nprefetch = 5\n[[account]]");
+        let err = parse_with(&twice, &[]).unwrap_err().to_string();
+        assert!(err.contains("the table [broker] appears twice"), "{err}");
+        assert!(err.contains("(line "), "{err}");
+        let key_twice = MINIMAL.replace(
+            "[[account]]",
+            "[retry]\nmax_age = \"1h\"\nmax_age = \"2h\"\n[[account]]",
+        );
+        let err = parse_with(&key_twice, &[]).unwrap_err().to_string();
+        assert!(err.contains("the key max_age is given twice"), "{err}");
+        let late = format!("{MINIMAL}shutdown_timeout = \"5s\"\n");
+        let err = parse_with(&late, &[]).unwrap_err().to_string();
+        assert!(err.contains("account.shutdown_timeout"), "{err}");
+        assert!(err.contains("shutdown_timeout is a top-level key"), "{err}");
+        assert!(err.contains("above the first"), "{err}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::Key;
 use super::batch::{Accumulator, FlushReason, Flushed, Limits};
 use super::deliver::{self, Batch, Context};
-use super::reload::Live;
+use super::reload::{self, Live};
 use super::session::Session;
 use super::settle::{DeadLetter, Pending, UNKNOWN_ACCOUNT};
 use super::warnings::{Kind, Warnings};
@@ -36,7 +36,10 @@ pub struct Intake {
 
 /// Why the consumer loop ended.
 pub enum Ended {
-    Shutdown,
+    /// Shutdown: `flushed` open batches were sent at once.
+    Shutdown {
+        flushed: usize,
+    },
     Lost(String),
 }
 
@@ -68,10 +71,14 @@ pub async fn consume(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
-                open.drain(FlushReason::Shutdown, |f| dispatch(cx, &mut intake.destinations, f));
-                break Ended::Shutdown;
+                let mut flushed = 0;
+                open.drain(FlushReason::Shutdown, |f| {
+                    flushed += 1;
+                    dispatch(cx, &mut intake.destinations, f)
+                });
+                break Ended::Shutdown { flushed };
             }
-            Ok(()) = intake.reloads.changed() => reloaded(intake),
+            Ok(()) = intake.reloads.changed() => reloaded(intake, cx),
             _ = due => {
                 let now = Instant::now();
                 open.expired(now, |f| dispatch(cx, &mut intake.destinations, f));
@@ -108,8 +115,12 @@ pub async fn consume(
 }
 
 /// Applies a reloaded configuration to batches formed from now on.
-fn reloaded(intake: &mut Intake) {
+fn reloaded(intake: &mut Intake, cx: &Context) {
     let settings = intake.reloads.borrow_and_update().clone();
+    cx.shared.reset_circuits(&reload::moved_destinations(
+        &intake.live.settings,
+        &settings,
+    ));
     match intake.live.reloaded(settings) {
         Ok((live, reset_destinations)) => {
             if reset_destinations {
@@ -159,12 +170,9 @@ fn dispatch(cx: &Arc<Context>, destinations: &mut HashMap<Key, Arc<Semaphore>>, 
         .entry(flushed.key.clone())
         .or_insert_with(|| Arc::new(Semaphore::new(limit)))
         .clone();
-    cx.shared.metrics.batch_flushed(
-        &flushed.key.0,
-        flushed.key.1,
-        flushed.items.len(),
-        flushed.reason,
-    );
+    cx.shared
+        .metrics
+        .batch_flushed(&flushed.key.0, flushed.key.1, flushed.reason);
     let batch = Batch {
         live,
         account,
@@ -202,6 +210,8 @@ fn route(
             e.occurred_at,
         )
     });
+    // Read before the body moves into its `Pending`, and only for an invalid event.
+    let labels = parsed.is_err().then(|| invalid_labels(&data, settings));
     let pending = |id: String, lag_from, properties| Pending {
         body: data.into(),
         id,
@@ -222,7 +232,8 @@ fn route(
             };
             let line = warnings.note(Kind::InvalidEvent, &label, &invalid.0, Instant::now());
             line.iter().for_each(|line| line.log());
-            let dead = dead_letter("invalid_event", "", "", invalid.0);
+            let (account, kind) = labels.expect("labels are read for an invalid event");
+            let dead = dead_letter("invalid_event", &account, kind, invalid.0);
             spawn_dead_letter(cx, pending(String::new(), first_seen, properties), dead);
             return None;
         }
@@ -248,6 +259,33 @@ fn route(
     Some(((account.id.clone(), kind), account.clone(), item))
 }
 
+/// The metric labels of an invalid event: its account if the body names a configured
+/// one, its type if valid; `(unknown)` otherwise (labels only take configured values).
+fn invalid_labels(data: &[u8], settings: &Settings) -> (String, &'static str) {
+    #[derive(serde::Deserialize)]
+    struct Named<'a> {
+        #[serde(borrow)]
+        account: Option<std::borrow::Cow<'a, str>>,
+        #[serde(rename = "type", borrow)]
+        kind: Option<std::borrow::Cow<'a, str>>,
+    }
+    let named = serde_json::from_slice::<Named>(data).ok();
+    let account = named
+        .as_ref()
+        .and_then(|n| n.account.as_deref())
+        .and_then(|id| settings.accounts.get(id))
+        .map(|a| a.id.to_string());
+    let kind = named
+        .as_ref()
+        .and_then(|n| n.kind.as_deref())
+        .and_then(event::RecordType::parse)
+        .map(event::RecordType::as_str);
+    (
+        account.unwrap_or_else(|| UNKNOWN_ACCOUNT.to_owned()),
+        kind.unwrap_or(UNKNOWN_ACCOUNT),
+    )
+}
+
 fn dead_letter(reason: &str, account: &str, kind: &str, error: String) -> DeadLetter {
     DeadLetter {
         reason: reason.to_owned(),
@@ -261,6 +299,7 @@ fn dead_letter(reason: &str, account: &str, kind: &str, error: String) -> DeadLe
 
 fn spawn_dead_letter(cx: &Arc<Context>, item: Pending, dead: DeadLetter) {
     let settle = cx.settle.clone();
-    cx.tasks
-        .spawn(async move { settle.dead_letter(item, &dead).await });
+    cx.tasks.spawn(async move {
+        settle.dead_letter(item, &dead).await;
+    });
 }

@@ -6,6 +6,7 @@ mod cli;
 mod failures;
 mod helpers;
 mod hostile;
+mod operator;
 mod paths;
 mod pipeline;
 mod receivers;

@@ -15,7 +15,7 @@ fn one_account() -> ConfigSpec {
 }
 
 #[tokio::test]
-async fn dead_letters_survive_any_number_of_listings_and_partial_replays() {
+async fn dead_letters_survive_any_number_of_listings_shows_and_partial_replays() {
     let names = Names::new();
     let broker = Broker::connect(&names, &["30s"]).await;
     let settings = settings(&names, &one_account());
@@ -43,10 +43,14 @@ async fn dead_letters_survive_any_number_of_listings_and_partial_replays() {
         ..Default::default()
     };
     for _ in 0..3 {
-        let done = courier::commands::dlq::replay(&settings, &filter)
+        let done = courier::commands::dlq::replay(&settings, &filter, false)
             .await
             .expect("dlq replay");
         assert_eq!((done.examined, done.replayed), (6, 0));
+        let shown = courier::commands::dlq::show(&settings, &Default::default())
+            .await
+            .expect("dlq show");
+        assert_eq!(shown.examined, 6);
     }
     assert_eq!(broker.settled_depth(&names.dead()).await, 6);
 }
