@@ -12,9 +12,9 @@
 //! - a multiple ack never crosses channel generations: each channel has its own task;
 //! - a batch held in backoff freezes the watermark while settled messages behind it still
 //!   fill the prefetch window: when they are most of the window, or when a nearly full
-//!   window has not moved for a tick, the settled ones are acknowledged alone. (A batch
-//!   still open that holds the watermark is the consumer's to flush: the lowest tag not
-//!   yet passed is published for it, [`Acks::low`].)
+//!   window has not moved for a tick, or any window for a second, the settled ones are
+//!   acknowledged alone. (A batch still open that holds the watermark is the consumer's
+//!   to flush: the lowest tag not yet passed is published for it, [`Acks::low`].)
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -206,6 +206,11 @@ impl Acks {
     }
 }
 
+/// Ticks (of 100 ms) after which a watermark that stands still, however full the
+/// window, lets the settled messages behind it go with single acks: they are delivered,
+/// and a crash should not send them again.
+const STILL_TICKS: u32 = 10;
+
 async fn run(
     channel: Channel,
     mut rx: mpsc::UnboundedReceiver<Msg>,
@@ -217,6 +222,8 @@ async fn run(
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut moved = true;
+    // Ticks since the watermark last moved.
+    let mut still = 0u32;
     loop {
         tokio::select! {
             msg = rx.recv() => {
@@ -246,7 +253,9 @@ async fn run(
             }
             _ = tick.tick() => {
                 // The watermark is stuck behind a slow batch: ack what waits, alone.
-                if !moved && marks.deferred() > 0 && window.load(Ordering::SeqCst) >= nearly_full {
+                still = if moved { 0 } else { still + 1 };
+                let pressed = window.load(Ordering::SeqCst) >= nearly_full;
+                if marks.deferred() > 0 && (still >= 1 && pressed || still >= STILL_TICKS) {
                     ack_alone(&channel, &mut marks, &window).await;
                 }
                 moved = false;
