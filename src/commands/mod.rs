@@ -18,10 +18,15 @@ pub fn check_summary(settings: &Settings) -> String {
     ));
     let nodes: Vec<&str> = b.urls.iter().map(|u| u.display.as_str()).collect();
     out.push_str(&format!(
-        "broker: {} (exchange {}, prefetch {})\n",
+        "broker: {} (exchange {}, prefetch {}{})\n",
         nodes.join(", "),
         b.exchange,
-        b.prefetch
+        b.prefetch,
+        if b.prefetch_set {
+            ""
+        } else {
+            ", the default for these accounts"
+        }
     ));
     let tiers: Vec<String> = settings
         .retry

@@ -125,7 +125,10 @@ pub fn restart_only_change(old: &Settings, new: &Settings) -> Option<&'static st
                 ("broker.url", b.urls == nb.urls),
                 ("broker.exchange", b.exchange == nb.exchange),
                 ("broker.queue_prefix", b.queue_prefix == nb.queue_prefix),
-                ("broker.prefetch", b.prefetch == nb.prefetch),
+                (
+                    "broker.prefetch",
+                    b.prefetch == nb.prefetch && b.prefetch_set == nb.prefetch_set,
+                ),
                 ("broker.shards", b.shards == nb.shards),
                 (
                     "broker.max_event_bytes",
@@ -156,6 +159,28 @@ pub fn restart_only_change(old: &Settings, new: &Settings) -> Option<&'static st
     Some(key.unwrap_or(section))
 }
 
+/// courier's default prefetch window, from the accounts (docs/configuration.md,
+/// `prefetch`): room for one full batch of every destination, and a quarter more for
+/// batches in flight, between 1,000 and 10,000 messages. Past 100 destinations the window
+/// shrinks in proportion, down to 1,000: their batches cannot fill in any window of a
+/// reasonable size, and each destination costs memory of its own.
+pub fn default_prefetch<'a>(accounts: impl IntoIterator<Item = &'a Account>) -> u16 {
+    const LEAST: usize = 1000;
+    const MOST: usize = 10_000;
+    const MANY_DESTINATIONS: usize = 100;
+    let (mut destinations, mut room) = (0usize, 0usize);
+    for account in accounts {
+        let types = 1 + usize::from(account.contacts_url.is_some());
+        destinations += types;
+        room += types * account.batch_size;
+    }
+    let mut window = (room + room / 4).clamp(LEAST, MOST);
+    if destinations > MANY_DESTINATIONS {
+        window = (window * MANY_DESTINATIONS / destinations).max(LEAST);
+    }
+    u16::try_from(window).expect("at most 10,000")
+}
+
 /// `[broker]`. Needs a restart to change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerSettings {
@@ -163,7 +188,10 @@ pub struct BrokerSettings {
     pub urls: Vec<BrokerUrl>,
     pub exchange: String,
     pub queue_prefix: String,
+    /// The prefetch window: as configured, else [`default_prefetch`] of the accounts.
     pub prefetch: u16,
+    /// `prefetch` was set in the file.
+    pub prefetch_set: bool,
     pub shards: u16,
     pub max_event_bytes: usize,
     pub delivery_limit: u32,

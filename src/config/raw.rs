@@ -186,8 +186,9 @@ pub(super) struct RawBroker {
     pub exchange: String,
     #[serde(default = "default_queue_prefix")]
     pub queue_prefix: String,
-    #[serde(default = "default_prefetch")]
-    pub prefetch: i64,
+    /// Unset: derived from the accounts (`config::default_prefetch`).
+    #[serde(default)]
+    pub prefetch: Option<i64>,
     #[serde(default = "default_shards")]
     pub shards: i64,
     #[serde(default = "default_max_event_bytes")]
@@ -208,11 +209,6 @@ fn default_exchange() -> String {
 
 fn default_queue_prefix() -> String {
     "courier".into()
-}
-
-/// courier's own default, chosen by measurement (docs/performance.md).
-fn default_prefetch() -> i64 {
-    1000
 }
 
 fn default_shards() -> i64 {

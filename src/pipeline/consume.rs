@@ -92,16 +92,8 @@ pub async fn consume(
                 };
                 session.window.fetch_add(1, Ordering::SeqCst);
                 accept(intake, &mut open, cx, delivery);
-                // A full window means no new message can arrive: flush every open batch
-                // instead of waiting for their timers. Where the window holds two of the
-                // largest batches, flush already at half a window, so the broker keeps
-                // sending while those are delivered and any batch can still fill
-                // (docs/performance.md).
-                let full = session.window.load(Ordering::SeqCst) >= prefetch;
-                let half = intake.live.pipelined && open.buffered() >= prefetch.div_ceil(2);
-                if (full || half) && open.buffered() > 0 {
-                    open.drain(FlushReason::Window, |f| dispatch(cx, &mut intake.destinations, f));
-                }
+                let window = session.window.load(Ordering::SeqCst);
+                window_flush(intake, &mut open, cx, window, session.acks.low(), prefetch);
             }
         }
         cx.shared.metrics.set_buffered(open.buffered());
@@ -112,6 +104,93 @@ pub async fn consume(
     }
     cx.shared.metrics.set_buffered(open.buffered());
     ended
+}
+
+/// Carries out [`window_rule`] after each delivery.
+fn window_flush(
+    intake: &mut Intake,
+    open: &mut Open,
+    cx: &Arc<Context>,
+    window: usize,
+    low: u64,
+    prefetch: usize,
+) {
+    let oldest_holds_low = open.oldest().is_some_and(|(_, first)| first.tag <= low);
+    let state = Window {
+        pipelined: intake.live.pipelined,
+        prefetch,
+        unacked: window,
+        buffered: open.buffered(),
+        oldest_holds_low,
+    };
+    let mut emit = |f| dispatch(cx, &mut intake.destinations, f);
+    match window_rule(&state) {
+        None => {}
+        Some(WindowFlush::All) => open.drain(FlushReason::Window, emit),
+        Some(WindowFlush::Fullest { keep }) => open.flush_fullest(FlushReason::Window, keep, emit),
+        Some(WindowFlush::Oldest) => {
+            if let Some((key, _)) = open.oldest() {
+                let key = key.clone();
+                open.flush(&key, FlushReason::Window, &mut emit);
+            }
+        }
+    }
+}
+
+/// The prefetch window as the consumer sees it after a delivery.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    /// The window holds at least two of the largest batches.
+    pipelined: bool,
+    prefetch: usize,
+    /// Messages the broker holds unacknowledged for this channel.
+    unacked: usize,
+    /// Of those, events in open batches.
+    buffered: usize,
+    /// The oldest open batch holds the oldest unsettled message: no ack can pass it.
+    oldest_holds_low: bool,
+}
+
+/// What the window calls for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WindowFlush {
+    /// Every open batch.
+    All,
+    /// The fullest, until at most `keep` events stay open.
+    Fullest { keep: usize },
+    /// The oldest open batch.
+    Oldest,
+}
+
+/// Keeps the prefetch window moving (docs/design.md, "Early flush when the prefetch
+/// window is full"):
+/// - where the window holds fewer than two of the largest batches, a full window flushes
+///   every open batch;
+/// - else open batches may hold at most half the window: past that, the fullest are
+///   flushed until a quarter is left, so the broker keeps sending while they are
+///   delivered and the rest go on filling;
+/// - a full window (no new message can arrive) halves what is open, the fullest first;
+/// - from three quarters of a window, an open batch that holds the oldest unsettled
+///   message is flushed: the settled messages behind it can be acknowledged only after
+///   it, and they fill the window meanwhile.
+fn window_rule(w: &Window) -> Option<WindowFlush> {
+    if w.buffered == 0 {
+        None
+    } else if !w.pipelined {
+        (w.unacked >= w.prefetch).then_some(WindowFlush::All)
+    } else if w.buffered >= w.prefetch.div_ceil(2) {
+        Some(WindowFlush::Fullest {
+            keep: w.prefetch / 4,
+        })
+    } else if w.unacked >= w.prefetch {
+        Some(WindowFlush::Fullest {
+            keep: w.buffered / 2,
+        })
+    } else if 4 * w.unacked >= 3 * w.prefetch && w.oldest_holds_low {
+        Some(WindowFlush::Oldest)
+    } else {
+        None
+    }
 }
 
 /// Applies a reloaded configuration to batches formed from now on.
@@ -302,4 +381,71 @@ fn spawn_dead_letter(cx: &Arc<Context>, item: Pending, dead: DeadLetter) {
     cx.tasks.spawn(async move {
         settle.dead_letter(item, &dead).await;
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(unacked: usize, buffered: usize, oldest_holds_low: bool) -> Window {
+        Window {
+            pipelined: true,
+            prefetch: 1000,
+            unacked,
+            buffered,
+            oldest_holds_low,
+        }
+    }
+
+    #[test]
+    fn window_rules() {
+        use WindowFlush::*;
+        let small = Window {
+            pipelined: false,
+            ..window(1000, 300, true)
+        };
+        let cases = [
+            // (state, expected, why)
+            (window(400, 0, true), None, "nothing open"),
+            (window(400, 300, true), None, "room left, batches filling"),
+            (
+                window(900, 499, false),
+                None,
+                "three quarters, the oldest is in flight",
+            ),
+            (window(749, 300, true), None, "below three quarters"),
+            (
+                window(750, 300, true),
+                Some(Oldest),
+                "the oldest open batch holds the acks",
+            ),
+            (
+                window(600, 500, false),
+                Some(Fullest { keep: 250 }),
+                "half the window open",
+            ),
+            (
+                window(1000, 300, false),
+                Some(Fullest { keep: 150 }),
+                "full: halve",
+            ),
+            (
+                window(1000, 300, true),
+                Some(Fullest { keep: 150 }),
+                "full comes first",
+            ),
+            (small, Some(All), "a small window: everything when full"),
+            (
+                Window {
+                    unacked: 999,
+                    ..small
+                },
+                None,
+                "a small window not yet full",
+            ),
+        ];
+        for (state, expected, why) in cases {
+            assert_eq!(window_rule(&state), expected, "{why}: {state:?}");
+        }
+    }
 }

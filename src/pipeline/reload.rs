@@ -129,7 +129,12 @@ impl Reloader {
 
 /// Loads the file of `current` again and checks that it can take effect.
 async fn accept(current: &Settings) -> Result<Settings, String> {
-    let new = config::load(&current.source).map_err(|e| e.to_string())?;
+    let mut new = config::load(&current.source).map_err(|e| e.to_string())?;
+    if !new.broker.prefetch_set && !current.broker.prefetch_set {
+        // A derived window follows the accounts at start only: the running session
+        // keeps its own (docs/configuration.md, `prefetch`).
+        new.broker.prefetch = current.broker.prefetch;
+    }
     if let Some(key) = config::restart_only_change(current, &new) {
         return Err(format!(
             "{}: {key} changed, which needs a restart; the reload was refused",
