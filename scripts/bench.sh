@@ -14,6 +14,9 @@
 #   many         4.  courier, batch 200, 2,000 accounts (sparse batches)
 #   latency      5.  2,000 events/s for 20 s, flush_interval 100ms: publish→receipt
 #   small        6.  courier, batch 200, 10k backlog: CPU and peak RSS
+#   slow         8.  courier, batch 200, a receiver that answers BENCH_SLOW_MS late, a
+#                    backlog of BENCH_EVENTS_SLOW: peak RSS
+#   slowsmall    8.  the same with a 10k backlog: memory follows the window, not the backlog
 # Every courier run gets its own queue prefix and exchange (deleted afterwards), its own
 # admin port and receiver port, and a generated config in target/bench/.
 #
@@ -33,6 +36,8 @@
 #   BENCH_CONCURRENCY [256]     courier's max_concurrency in batch1 = flood's concurrency
 #   BENCH_LATENCY_RATE [2000]   events/s of the latency run
 #   BENCH_LATENCY_SECONDS [20]  its duration
+#   BENCH_EVENTS_SLOW [200000]  backlog of slow
+#   BENCH_SLOW_MS [200]         the slow receiver's delay per request
 #   BENCH_PREFETCH []           broker.prefetch for courier and the drain; empty: courier's default
 #   BENCH_SCENARIOS [all]       a subset, e.g. "drain batch200"
 #   BENCH_BUILD [1]             0: use the binaries already in target/release
@@ -60,7 +65,9 @@ CONCURRENCY="${BENCH_CONCURRENCY:-256}"
 LAT_RATE="${BENCH_LATENCY_RATE:-2000}"
 LAT_SECONDS="${BENCH_LATENCY_SECONDS:-20}"
 PREFETCH="${BENCH_PREFETCH:-}"
-SCENARIOS="${BENCH_SCENARIOS:-drain drain_multi batch200 batch1 flood many latency small}"
+EVENTS_SLOW="${BENCH_EVENTS_SLOW:-200000}"
+SLOW_MS="${BENCH_SLOW_MS:-200}"
+SCENARIOS="${BENCH_SCENARIOS:-drain drain_multi batch200 batch1 flood many latency small slow slowsmall}"
 BUILD="${BENCH_BUILD:-1}"
 SCRAPE="${BENCH_SCRAPE_INTERVAL:-5}"
 PERF="${BENCH_PERF:-}"
@@ -213,7 +220,7 @@ drop_topology() {
 
 # start_receiver EXPECT: sets RPID; the summary lands in $DIR/receive.json.
 start_receiver() {
-    "$BENCH" receive --listen "127.0.0.1:$RPORT" --expect "$1" --secret "$SECRET" \
+    "$BENCH" receive --listen "127.0.0.1:$RPORT" --expect "$1" --secret "$SECRET" --delay-ms "${RECEIVER_DELAY_MS:-0}" \
         --out "$DIR/receive.json" --timeout "$RUN_TIMEOUT" --idle-timeout 60 \
         </dev/null >"$DIR/receive.out" 2>"$DIR/receive.log" &
     RPID=$!
@@ -443,6 +450,8 @@ for ((run = 1; run <= RUNS; run++)); do
             many) courier_backlog many "$run" "$EVENTS" "$MANY_ACCOUNTS" 200 1s ;;
             latency) scenario_latency "$run" ;;
             small) courier_backlog small "$run" "$EVENTS_SMALL" "$ACCOUNTS" 200 1s ;;
+            slow) RECEIVER_DELAY_MS=$SLOW_MS courier_backlog slow "$run" "$EVENTS_SLOW" "$ACCOUNTS" 200 1s ;;
+            slowsmall) RECEIVER_DELAY_MS=$SLOW_MS courier_backlog slowsmall "$run" "$EVENTS_SMALL" "$ACCOUNTS" 200 1s ;;
             *) die "unknown scenario $s" ;;
         esac
     done

@@ -144,6 +144,9 @@ pub struct ReceiveArgs {
     /// Keep answering this long after the summary (courier's last responses), then exit.
     #[arg(long, default_value_t = 120)]
     pub linger: u64,
+    /// Answer each request this many milliseconds late: a slow receiver.
+    #[arg(long, default_value_t = 0)]
+    pub delay_ms: u64,
 }
 
 #[derive(Args)]

@@ -134,6 +134,7 @@ struct Receiver {
     done: Notify,
     touched: AtomicU64,
     connections: AtomicU64,
+    delay: Duration,
 }
 
 async fn on_request(
@@ -186,6 +187,9 @@ async fn on_request(
     rx.touched.store(now_wall, Ordering::Relaxed);
     if complete {
         rx.done.notify_one();
+    }
+    if !rx.delay.is_zero() {
+        tokio::time::sleep(rx.delay).await;
     }
     StatusCode::OK
 }
@@ -256,6 +260,7 @@ pub async fn receive(args: ReceiveArgs) -> Result<()> {
         done: Notify::new(),
         touched: AtomicU64::new(0),
         connections: AtomicU64::new(0),
+        delay: Duration::from_millis(args.delay_ms),
     });
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     eprintln!(

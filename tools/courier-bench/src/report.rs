@@ -11,7 +11,7 @@ use crate::Result;
 use crate::cli::ReportArgs;
 
 /// The scenarios of the CPU table, in the order of the benchmark.
-const SCENARIOS: [&str; 8] = [
+const SCENARIOS: [&str; 10] = [
     "drain",
     "drain_multi",
     "batch200",
@@ -20,6 +20,8 @@ const SCENARIOS: [&str; 8] = [
     "many",
     "latency",
     "small",
+    "slow",
+    "slowsmall",
 ];
 
 /// `report`: writes the JSON and Markdown results and prints the table.
@@ -316,6 +318,9 @@ fn rows(runs: &Runs) -> Vec<Row> {
         row("rss_small_mib", "   courier peak RSS, 10k backlog", "MiB", rss("small"), Some(("≤ 64", |x| x <= 64.0))),
         row("rss_many_mib", "   courier peak RSS, 2,000 accounts (4)", "MiB", rss("many"), Some(("≤ 64", |x| x <= 64.0))),
         row("rss_batch1_mib", "   courier peak RSS, batch 1 (3)", "MiB", rss("batch1"), Some(("≤ 64", |x| x <= 64.0))),
+        row("rss_slow_mib", "8. a slow receiver: courier peak RSS, large backlog", "MiB", rss("slow"), None),
+        row("rss_slowsmall_mib", "   the same, 10k backlog", "MiB", rss("slowsmall"), None),
+        row("rss_slow_bound", "   large ÷ (1.2 × small + 8 MiB), per run", "×", ratio(&mib(get("slow", &["proc", "hwm_kib"])), &mib(get("slowsmall", &["proc", "hwm_kib"])).into_iter().map(|(r, m)| (r, 1.2 * m + 8.0)).collect()), Some(("≤ 1", |x| x <= 1.0))),
         row("broker_cpu_per_100k_drain", "7. the broker's CPU per 100k events: bare drain (1)", "CPU s", broker("drain"), None),
         row("broker_cpu_per_100k_drain_multi", "   bare drain, `multiple` acks (1b)", "CPU s", broker("drain_multi"), None),
         row("broker_cpu_per_100k_large", "   courier batch 200 (2)", "CPU s", broker("batch200"), None),
