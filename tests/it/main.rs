@@ -8,3 +8,4 @@ mod hostile;
 mod paths;
 mod pipeline;
 mod retries;
+mod standard_webhooks;

@@ -7,6 +7,7 @@ mod config;
 mod node;
 mod process;
 mod receiver;
+mod tools;
 mod worker;
 
 use std::time::Duration;
@@ -18,6 +19,7 @@ pub use config::*;
 pub use node::*;
 pub use process::*;
 pub use receiver::*;
+pub use tools::*;
 pub use worker::*;
 
 /// The broker the tests use.
