@@ -5,6 +5,7 @@ mod cli;
 mod failures;
 mod helpers;
 mod hostile;
+mod observe;
 mod paths;
 mod pipeline;
 mod retries;
