@@ -2,6 +2,8 @@
 
 mod alarm;
 mod cli;
+mod deploy;
+mod examples;
 mod failures;
 mod helpers;
 mod hostile;

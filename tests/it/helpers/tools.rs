@@ -48,3 +48,11 @@ fn tools_dir(test: &str) -> Option<PathBuf> {
 pub fn python(test: &str) -> Option<PathBuf> {
     tools_dir(test).map(|dir| dir.join("venv/bin/python"))
 }
+
+/// `node` with `NODE_PATH` set to the installed node_modules.
+pub fn node(test: &str) -> Option<Command> {
+    let dir = tools_dir(test)?;
+    let mut cmd = Command::new("node");
+    cmd.env("NODE_PATH", dir.join("node/node_modules"));
+    Some(cmd)
+}
