@@ -136,6 +136,60 @@ async fn the_standard_webhooks_library_accepts_both_keys_of_a_rotation() {
             assert_eq!(verdict[check], expected, "request {i}: {check}");
         }
     }
+    run_receiving_examples(&python, &requests[0]);
+}
+
+/// The receiving examples of docs/examples on one real request: each key of the rotation
+/// verifies, another key and a tampered body do not.
+fn run_receiving_examples(python: &std::path::Path, request: &Recorded) {
+    let test = "the_standard_webhooks_library_accepts_both_keys_of_a_rotation";
+    if node(test).is_none() {
+        return;
+    }
+    let dir = temp_dir();
+    let headers: HashMap<String, String> = request
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap().to_owned()))
+        .collect();
+    std::fs::write(
+        dir.join("headers.json"),
+        serde_json::to_vec(&headers).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("body"), &request.body).unwrap();
+    let mut tampered = request.body.to_vec();
+    tampered[1] ^= 0x01;
+    std::fs::write(dir.join("tampered"), tampered).unwrap();
+    let examples = repo_root().join("docs/examples");
+    for script in ["verify_standard_webhooks.py", "verify_standard_webhooks.js"] {
+        for (secret, body, expected) in [
+            (NEW, "body", "ok"),
+            (OLD, "body", "ok"),
+            (OTHER, "body", "mismatch"),
+            (NEW, "tampered", "mismatch"),
+        ] {
+            let mut cmd = if script.ends_with(".py") {
+                Command::new(python)
+            } else {
+                node(test).unwrap()
+            };
+            let out = cmd
+                .arg(examples.join(script))
+                .arg(secret)
+                .arg(dir.join(body))
+                .arg(dir.join("headers.json"))
+                .output()
+                .unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout).trim(),
+                expected,
+                "{script} {body}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(out.status.success(), expected == "ok", "{script} {body}");
+        }
+    }
 }
 
 #[tokio::test]
