@@ -294,8 +294,11 @@ cpu_of() {
 
 now_s() { date +%s.%N; }
 
-# The broker's CPU: the Erlang VM of the local node, when we can see it.
-BROKER_PID=$(pidof beam.smp 2>/dev/null | awk '{ print $1 }' || true)
+# The broker's CPU: the Erlang VM listening on the benchmark's AMQP port, when we can see
+# it (other nodes may run beside it, e.g. a test's private node); else the oldest one.
+AMQP_PORT=$(sed -nE 's#^amqps?://([^@/]*@)?[^:/]+:([0-9]+).*#\2#p' <<<"$AMQP_URL")
+BROKER_PID=$(ss -Hltnp "( sport = :${AMQP_PORT:-5672} )" 2>/dev/null | sed -nE 's/.*pid=([0-9]+).*/\1/p' | head -n1)
+[ -n "$BROKER_PID" ] || BROKER_PID=$(pgrep -o beam.smp 2>/dev/null || true)
 broker_cpu() { if [ -n "$BROKER_PID" ]; then cpu_of "$BROKER_PID"; else echo 0; fi; }
 
 # mark_start: remembers the broker's CPU and the time when a measured phase starts.

@@ -24,12 +24,22 @@ pub enum Admission {
     Refuse,
 }
 
+/// The last retryable outcome of a request to a destination: while its circuit is open,
+/// the events it refuses report this as their last status and error (no request of
+/// theirs was sent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cause {
+    pub status: Option<u16>,
+    pub error: String,
+}
+
 #[derive(Debug, Default)]
 struct State {
     failures: u32,
     open_until: Option<Instant>,
     cooldown: Duration,
     probing: bool,
+    last: Option<Cause>,
 }
 
 /// What changed with an outcome: the gauge follows `open`.
@@ -69,6 +79,17 @@ impl<K: Eq + Hash + Clone> Breakers<K> {
         }
     }
 
+    /// The last retryable outcome recorded for `key` since its last success.
+    pub fn last_cause(&self, key: &K) -> Option<Cause> {
+        self.states.get(key).and_then(|state| state.last.clone())
+    }
+
+    /// Forgets `key`: its circuit is closed and its count starts again (a destination
+    /// whose URL changed is another destination). Returns a change if it was open.
+    pub fn reset(&mut self, key: &K) -> Option<Change> {
+        self.success(key)
+    }
+
     /// Records a 2xx: the circuit closes. Returns a change if it was open.
     pub fn success(&mut self, key: &K) -> Option<Change> {
         let state = self.states.remove(key)?;
@@ -83,8 +104,10 @@ impl<K: Eq + Hash + Clone> Breakers<K> {
         now: Instant,
         settings: &CircuitSettings,
         probe: bool,
+        cause: Cause,
     ) -> Option<Change> {
         let state = self.states.entry(key.clone()).or_default();
+        state.last = Some(cause);
         state.failures = state.failures.saturating_add(1);
         if state.probing && !probe {
             // A request sent before the circuit opened: the probe's answer decides.
@@ -118,6 +141,13 @@ impl<K: Eq + Hash + Clone> Breakers<K> {
 mod tests {
     use super::*;
 
+    fn cause() -> Cause {
+        Cause {
+            status: Some(500),
+            error: "HTTP 500 Internal Server Error".into(),
+        }
+    }
+
     fn settings() -> CircuitSettings {
         CircuitSettings {
             failure_threshold: 3,
@@ -131,10 +161,13 @@ mod tests {
         let mut b = Breakers::default();
         let s = settings();
         let now = Instant::now();
-        assert_eq!(b.failure(&"d", now, &s, false), None);
-        assert_eq!(b.failure(&"d", now, &s, false), None);
+        assert_eq!(b.failure(&"d", now, &s, false, cause()), None);
+        assert_eq!(b.failure(&"d", now, &s, false, cause()), None);
         assert_eq!(b.admit(&"d", now), Admission::Send);
-        assert_eq!(b.failure(&"d", now, &s, false), Some(Change { open: true }));
+        assert_eq!(
+            b.failure(&"d", now, &s, false, cause()),
+            Some(Change { open: true })
+        );
         assert_eq!(b.admit(&"d", now), Admission::Refuse);
         assert_eq!(b.admit(&"other", now), Admission::Send, "per destination");
         let later = now + Duration::from_secs(10);
@@ -146,7 +179,7 @@ mod tests {
         );
         // The probe fails: cooldown doubles (20 s), then is capped (25 s).
         assert_eq!(
-            b.failure(&"d", later, &s, false),
+            b.failure(&"d", later, &s, false, cause()),
             None,
             "not the probe: no effect"
         );
@@ -155,22 +188,38 @@ mod tests {
             Admission::Refuse,
             "the probe is still out"
         );
-        assert_eq!(b.failure(&"d", later, &s, true), None);
+        assert_eq!(b.failure(&"d", later, &s, true, cause()), None);
         assert_eq!(
             b.admit(&"d", later + Duration::from_secs(19)),
             Admission::Refuse
         );
         let t = later + Duration::from_secs(20);
         assert_eq!(b.admit(&"d", t), Admission::Probe);
-        b.failure(&"d", t, &s, true);
+        b.failure(&"d", t, &s, true, cause());
         assert_eq!(
             b.admit(&"d", t + Duration::from_secs(24)),
             Admission::Refuse
         );
         let t = t + Duration::from_secs(25);
         assert_eq!(b.admit(&"d", t), Admission::Probe);
+        assert_eq!(b.last_cause(&"d"), Some(cause()));
         assert_eq!(b.success(&"d"), Some(Change { open: false }));
         assert_eq!(b.admit(&"d", t), Admission::Send);
+        assert_eq!(b.last_cause(&"d"), None, "a success forgets the cause");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reset_closes_an_open_circuit() {
+        let mut b = Breakers::default();
+        let s = settings();
+        let now = Instant::now();
+        for _ in 0..3 {
+            b.failure(&"d", now, &s, false, cause());
+        }
+        assert_eq!(b.admit(&"d", now), Admission::Refuse);
+        assert_eq!(b.reset(&"d"), Some(Change { open: false }));
+        assert_eq!(b.admit(&"d", now), Admission::Send);
+        assert_eq!(b.reset(&"d"), None, "nothing left to reset");
     }
 
     #[tokio::test(start_paused = true)]
@@ -178,11 +227,11 @@ mod tests {
         let mut b = Breakers::default();
         let s = settings();
         let now = Instant::now();
-        b.failure(&"d", now, &s, false);
-        b.failure(&"d", now, &s, false);
+        b.failure(&"d", now, &s, false, cause());
+        b.failure(&"d", now, &s, false, cause());
         assert_eq!(b.success(&"d"), None, "was not open");
-        b.failure(&"d", now, &s, false);
-        b.failure(&"d", now, &s, false);
+        b.failure(&"d", now, &s, false, cause());
+        b.failure(&"d", now, &s, false, cause());
         assert_eq!(b.admit(&"d", now), Admission::Send);
     }
 }

@@ -1,7 +1,7 @@
 //! The `courier` binary: parse the command line, load the configuration, set up logging
 //! and dispatch. Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
 
-use std::io::BufRead;
+use std::io::{BufRead, IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -82,18 +82,28 @@ async fn dispatch(cli: Cli) -> u8 {
             secret,
             header,
             max_body,
-        } => {
-            let options = commands::receive::ReceiveOptions {
-                secret: secret.clone(),
-                header: header.clone(),
-                max_body: *max_body,
-            };
-            receive(*listen, options).await
-        }
+            save,
+        } => match commands::receive::Secrets::parse(secret) {
+            Ok(secrets) => {
+                let options = commands::receive::ReceiveOptions {
+                    secrets,
+                    header: header.clone(),
+                    max_body: *max_body,
+                    save: save.clone(),
+                };
+                receive(*listen, options).await
+            }
+            Err(message) => Err(Failure {
+                code: CONFIG_ERROR,
+                message,
+            }),
+        },
         command => match load(&cli) {
             Ok(settings) => {
-                if !matches!(command, Command::Check) {
-                    telemetry::init(&settings.log.level, settings.log.format);
+                match command {
+                    Command::Check { .. } => {}
+                    Command::Run => telemetry::init(&settings.log.level, settings.log.format),
+                    _ => telemetry::init_command(&settings.log.level, settings.log.format),
                 }
                 run_command(command, settings).await
             }
@@ -126,7 +136,13 @@ fn load(cli: &Cli) -> Result<Settings, Failure> {
 
 async fn run_command(command: &Command, settings: Settings) -> Result<Report, Failure> {
     match command {
-        Command::Check => Ok(commands::check_summary(&settings).into()),
+        Command::Check { offline } => {
+            let warnings = commands::check::warnings(&settings, *offline).await;
+            Ok(Report {
+                stdout: commands::check_summary(&settings),
+                notes: warnings.iter().map(|w| format!("warning: {w}")).collect(),
+            })
+        }
         Command::Setup => commands::setup(&settings)
             .await
             .map(Report::from)
@@ -189,29 +205,114 @@ async fn dlq(settings: &Settings, command: &DlqCommand) -> Result<Report, Failur
             Ok(listing.render(&settings.broker.dead_queue()).into())
         }
         DlqCommand::Replay {
-            account,
-            kind,
-            reason,
+            filter,
             limit,
+            dry_run,
         } => {
-            let filter = commands::dlq::Filter {
-                account: account.clone(),
-                kind: kind.clone(),
-                reason: reason.clone(),
-                limit: *limit,
-            };
-            let done = commands::dlq::replay(settings, &filter)
+            let filter = dlq_filter(filter, *limit);
+            let done = commands::dlq::replay(settings, &filter, *dry_run)
                 .await
                 .map_err(Failure::runtime)?;
-            Ok(format!(
-                "replayed {} of {} dead letter(s) examined to {}\n",
+            let verb = if *dry_run { "would replay" } else { "replayed" };
+            let mut out = format!(
+                "{verb} {} of {} dead letter(s) examined to {}\n",
                 done.replayed,
                 done.examined,
                 settings.broker.deliver_queue()
-            )
-            .into())
+            );
+            if done.invalid_left > 0 {
+                out.push_str(&format!(
+                    "left {} invalid_event dead letter(s): they would fail again \
+                     (see them with `courier dlq show --reason invalid_event`, remove them \
+                     with `courier dlq discard --reason invalid_event`)\n",
+                    done.invalid_left
+                ));
+            }
+            Ok(out.into())
         }
+        DlqCommand::Show { filter, limit } => {
+            let filter = dlq_filter(filter, Some(*limit));
+            let shown = commands::dlq::show(settings, &filter)
+                .await
+                .map_err(Failure::runtime)?;
+            let mut out = shown.letters.concat();
+            out.push_str(&format!(
+                "{} of {} matching dead letter(s) shown ({} examined in {}; none removed)\n",
+                shown.letters.len(),
+                shown.matched,
+                shown.examined,
+                settings.broker.dead_queue()
+            ));
+            Ok(out.into())
+        }
+        DlqCommand::Discard {
+            filter,
+            limit,
+            dry_run,
+            yes,
+        } => discard(settings, dlq_filter(filter, *limit), *dry_run, *yes).await,
     }
+}
+
+fn dlq_filter(filter: &courier::cli::DlqFilter, limit: Option<usize>) -> commands::dlq::Filter {
+    commands::dlq::Filter {
+        account: filter.account.clone(),
+        kind: filter.kind.clone(),
+        reason: filter.reason.clone(),
+        limit,
+    }
+}
+
+/// `courier dlq discard`: prints what matches, then removes it with `--yes`, or after a
+/// "y" at the prompt when stdin is a terminal; otherwise removes nothing.
+async fn discard(
+    settings: &Settings,
+    filter: commands::dlq::Filter,
+    dry_run: bool,
+    yes: bool,
+) -> Result<Report, Failure> {
+    let queue = settings.broker.dead_queue();
+    let confirm = |matched: &commands::dlq::Listing| {
+        print!(
+            "{}",
+            matched.table(format!(
+                "{} dead letter(s) in {queue} match:\n",
+                matched.total
+            ))
+        );
+        if dry_run {
+            return false;
+        }
+        if yes {
+            return true;
+        }
+        if !std::io::stdin().is_terminal() {
+            return false;
+        }
+        print!("remove them? [y/N] ");
+        let _ = std::io::stdout().flush();
+        let mut answer = String::new();
+        let read = tokio::task::block_in_place(|| std::io::stdin().read_line(&mut answer));
+        read.is_ok() && matches!(answer.trim(), "y" | "Y" | "yes")
+    };
+    let done = commands::dlq::discard(settings, &filter, confirm)
+        .await
+        .map_err(Failure::runtime)?;
+    let out = if done.removed > 0 {
+        format!("removed {} dead letter(s) from {queue}\n", done.removed)
+    } else if done.matched.total == 0 {
+        format!(
+            "no dead letter matches ({} examined in {queue}); nothing removed\n",
+            done.examined
+        )
+    } else if dry_run {
+        "dry run: nothing removed\n".to_owned()
+    } else if yes || std::io::stdin().is_terminal() {
+        "nothing removed\n".to_owned()
+    } else {
+        "nothing removed: pass --yes to remove them (stdin is not a terminal to ask)\n".to_owned()
+    };
+    Ok(out.into())
 }
 
 /// `courier receive`: needs no configuration.

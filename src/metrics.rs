@@ -26,7 +26,8 @@ pub enum RequestOutcome {
 impl RequestOutcome {
     const ALL: [RequestOutcome; 3] = [Self::Success, Self::Rejected, Self::Retryable];
 
-    fn as_str(self) -> &'static str {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
         match self {
             RequestOutcome::Success => "success",
             RequestOutcome::Rejected => "rejected",
@@ -216,22 +217,25 @@ impl Metrics {
             .inc();
     }
 
+    /// One HTTP request of `events` events: `courier_batch_size` counts events per
+    /// request, so a batch parked by an open circuit (no request) is not in it.
     pub fn request(
         &self,
         account: &str,
         kind: RecordType,
+        events: usize,
         outcome: RequestOutcome,
         elapsed: Duration,
     ) {
         self.destinations.with(account, kind, |d| {
             d.requests[outcome as usize].fetch_add(1, Relaxed);
             d.duration.observe(elapsed.as_secs_f64());
+            d.batch_size.observe(events as f64);
         });
     }
 
-    pub fn batch_flushed(&self, account: &str, kind: RecordType, size: usize, reason: FlushReason) {
+    pub fn batch_flushed(&self, account: &str, kind: RecordType, reason: FlushReason) {
         self.destinations.with(account, kind, |d| {
-            d.batch_size.observe(size as f64);
             d.flushed[reason as usize].fetch_add(1, Relaxed);
         });
     }
@@ -290,10 +294,11 @@ mod tests {
         m.request(
             "a",
             RecordType::Company,
+            3,
             RequestOutcome::Success,
             Duration::from_millis(3),
         );
-        m.batch_flushed("a", RecordType::Company, 3, FlushReason::Size);
+        m.batch_flushed("a", RecordType::Company, FlushReason::Size);
         m.batch_split("a", RecordType::Company);
         m.delivery_lag(RecordType::Company, Duration::from_secs(1));
         m.config_reload(true);

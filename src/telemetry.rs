@@ -19,15 +19,41 @@ const CAPPED: &[&str] = &[
     "tower",
 ];
 
-/// Installs the global subscriber. `RUST_LOG` overrides `level`.
+/// Installs the global subscriber for the worker. `RUST_LOG` overrides `level`.
 pub fn init(level: &str, format: LogFormat) {
-    let spec = std::env::var("RUST_LOG")
+    install(level, format, "info");
+}
+
+/// Installs the global subscriber for a command other than `run`: the command prints
+/// one line for an error it reports, so the libraries' own lines (the broker client's
+/// channel errors, returned messages) show only when asked for with a `debug` level.
+pub fn init_command(level: &str, format: LogFormat) {
+    let spec = spec(level);
+    let libraries = if spec.contains("debug") || spec.contains("trace") {
+        "info"
+    } else {
+        "off"
+    };
+    install(level, format, libraries);
+}
+
+fn spec(level: &str) -> String {
+    std::env::var("RUST_LOG")
         .ok()
         .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| level.to_owned());
+        .unwrap_or_else(|| level.to_owned())
+}
+
+/// `libraries` caps the crates of [`CAPPED`]: never above `info`.
+fn install(level: &str, format: LogFormat, libraries: &str) {
+    let spec = spec(level);
     let mut filter = EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info"));
     for target in CAPPED {
-        filter = filter.add_directive(format!("{target}=info").parse().expect("valid directive"));
+        filter = filter.add_directive(
+            format!("{target}={libraries}")
+                .parse()
+                .expect("valid directive"),
+        );
     }
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()

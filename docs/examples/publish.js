@@ -4,7 +4,7 @@
 //   npm install amqplib
 //   node publish.js ACCOUNT TYPE RECORD_ID [NAME]
 //
-// Environment: AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f), EXCHANGE
+// Environment: AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f), COURIER_EXCHANGE
 // (default record-changes). Prints the event exactly as published, one line.
 "use strict";
 
@@ -19,7 +19,7 @@ async function main() {
   }
   const [account, type, recordId, name = "Northwind Traders"] = args;
   const url = process.env.AMQP_URL || "amqp://guest:guest@127.0.0.1:5672/%2f";
-  const exchange = process.env.EXCHANGE || "record-changes";
+  const exchange = process.env.COURIER_EXCHANGE || "record-changes";
 
   const event = {
     id: randomUUID(), // keep it if you retry this publish: receivers dedupe on it

@@ -4,7 +4,7 @@
     pip install pika
     python3 publish.py ACCOUNT TYPE RECORD_ID [NAME]
 
-Environment: AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f), EXCHANGE
+Environment: AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f), COURIER_EXCHANGE
 (default record-changes). Prints the event exactly as published, one line.
 """
 
@@ -24,7 +24,7 @@ def main():
     account, record_type, record_id = sys.argv[1:4]
     name = sys.argv[4] if len(sys.argv) == 5 else "Northwind Traders"
     url = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
-    exchange = os.environ.get("EXCHANGE", "record-changes")
+    exchange = os.environ.get("COURIER_EXCHANGE", "record-changes")
 
     event = {
         "id": str(uuid.uuid4()),  # keep it if you retry this publish: receivers dedupe on it

@@ -11,12 +11,14 @@
 //!   are never named again;
 //! - a multiple ack never crosses channel generations: each channel has its own task;
 //! - a batch held in backoff freezes the watermark while settled messages behind it still
-//!   fill the prefetch window: past a threshold, or when the watermark has not moved for a
-//!   tick, the settled ones are acknowledged alone.
+//!   fill the prefetch window: when they are most of the window, or when a nearly full
+//!   window has not moved for a tick, or any window for a second, the settled ones are
+//!   acknowledged alone. (A batch still open that holds the watermark is the consumer's
+//!   to flush: the lowest tag not yet passed is published for it, [`Acks::low`].)
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lapin::Channel;
@@ -125,6 +127,11 @@ impl Watermark {
         target.map(|tag| (tag, covered))
     }
 
+    /// The lowest tag not yet settled or passed: the message that holds the watermark.
+    pub fn low(&self) -> u64 {
+        self.next
+    }
+
     /// Settled tags whose acks wait.
     pub fn deferred(&self) -> usize {
         self.deferred
@@ -158,6 +165,7 @@ enum Msg {
 #[derive(Clone)]
 pub struct Acks {
     tx: mpsc::UnboundedSender<Msg>,
+    low: Arc<AtomicU64>,
 }
 
 impl Acks {
@@ -169,12 +177,15 @@ impl Acks {
         window: Arc<AtomicUsize>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        // Past this many deferred acks, stop waiting for the watermark. Single acks cost
-        // the broker a scan of its unacked list each, so wait long: a lower threshold
-        // doubled the broker's CPU (docs/performance.md).
-        let threshold = (prefetch as usize * 3 / 4).max(1);
-        let task = tokio::spawn(run(channel, rx, threshold, window));
-        (Self { tx }, task)
+        // Single acks cost the broker a scan of its unacknowledged list each (with a
+        // window of thousands, more than the rest of its work: docs/performance.md). A
+        // watermark that stands still costs nothing while the broker can still send, and
+        // the consumer flushes an open batch that holds it once the window fills; so
+        // acks go alone only when a (nearly) full window does not move.
+        let nearly_full = (prefetch as usize * 7 / 8).max(1);
+        let low = Arc::new(AtomicU64::new(1));
+        let task = tokio::spawn(run(channel, rx, nearly_full, window, low.clone()));
+        (Self { tx, low }, task)
     }
 
     /// Acknowledges these tags (delivered, or confirmed into another queue).
@@ -183,22 +194,36 @@ impl Acks {
         let _ = self.tx.send(Msg::Ack(tags));
     }
 
+    /// The lowest tag that is neither settled nor acknowledged: while it waits, no
+    /// `multiple` ack can pass it.
+    pub fn low(&self) -> u64 {
+        self.low.load(Ordering::Relaxed)
+    }
+
     /// Returns this tag to the queue.
     pub fn nack(&self, tag: u64) {
         let _ = self.tx.send(Msg::Nack(tag));
     }
 }
 
+/// Ticks (of 100 ms) after which a watermark that stands still, however full the
+/// window, lets the settled messages behind it go with single acks: they are delivered,
+/// and a crash should not send them again.
+const STILL_TICKS: u32 = 10;
+
 async fn run(
     channel: Channel,
     mut rx: mpsc::UnboundedReceiver<Msg>,
-    threshold: usize,
+    nearly_full: usize,
     window: Arc<AtomicUsize>,
+    low: Arc<AtomicU64>,
 ) {
     let mut marks = Watermark::default();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut moved = true;
+    // Ticks since the watermark last moved.
+    let mut still = 0u32;
     loop {
         tokio::select! {
             msg = rx.recv() => {
@@ -213,20 +238,24 @@ async fn run(
                         }
                     }
                 }
-                if let Some((tag, covered)) = marks.advance() {
+                let advanced = marks.advance();
+                low.store(marks.low(), Ordering::Relaxed);
+                if let Some((tag, covered)) = advanced {
                     moved = true;
                     window.fetch_sub(covered, Ordering::SeqCst);
                     if let Err(e) = channel.basic_ack(tag, BasicAckOptions { multiple: true }).await {
                         tracing::debug!(error = %e, tag, "ack failed; the messages will be redelivered");
                     }
                 }
-                if marks.deferred() >= threshold {
+                if marks.deferred() >= nearly_full {
                     ack_alone(&channel, &mut marks, &window).await;
                 }
             }
             _ = tick.tick() => {
                 // The watermark is stuck behind a slow batch: ack what waits, alone.
-                if !moved && marks.deferred() > 0 {
+                still = if moved { 0 } else { still + 1 };
+                let pressed = window.load(Ordering::SeqCst) >= nearly_full;
+                if marks.deferred() > 0 && (still >= 1 && pressed || still >= STILL_TICKS) {
                     ack_alone(&channel, &mut marks, &window).await;
                 }
                 moved = false;
@@ -269,6 +298,21 @@ mod tests {
         w.defer(3);
         assert_eq!(w.advance(), Some((3, 2)));
         assert_eq!(w.deferred(), 0);
+    }
+
+    #[test]
+    fn low_is_the_tag_that_holds_the_watermark() {
+        let mut w = Watermark::default();
+        assert_eq!(w.low(), 1);
+        w.defer(2);
+        w.advance();
+        assert_eq!(w.low(), 1, "tag 1 is open");
+        w.defer(1);
+        w.advance();
+        assert_eq!(w.low(), 3);
+        w.done(3);
+        w.advance();
+        assert_eq!(w.low(), 4, "a nacked tag passes too");
     }
 
     #[test]

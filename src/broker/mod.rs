@@ -41,7 +41,7 @@ pub enum BrokerError {
         detail: String,
     },
     /// Any other AMQP failure.
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", reason(.source))]
     Amqp {
         context: String,
         #[source]
@@ -65,6 +65,25 @@ impl BrokerError {
     }
 }
 
+/// What a lapin error says, in one line: the broker's own reply (`NOT_FOUND - no queue
+/// 'courier.dead' in vhost '/'`) rather than lapin's wrapping of it, and what to do about
+/// a refused login.
+pub fn reason(error: &lapin::Error) -> String {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => {
+            let text = amqp.get_message().to_string();
+            if text.starts_with("ACCESS_REFUSED - Login was refused") {
+                "the broker refused the login: check the user and password of broker.url \
+                 (or COURIER_AMQP_URL)"
+                    .into()
+            } else {
+                text
+            }
+        }
+        _ => error.to_string(),
+    }
+}
+
 /// Connects to the first node that answers, after checking its version. `name` shows in
 /// `rabbitmqctl list_connections`.
 pub async fn connect(urls: &[BrokerUrl], name: &str) -> Result<Connection, BrokerError> {
@@ -74,8 +93,14 @@ pub async fn connect(urls: &[BrokerUrl], name: &str) -> Result<Connection, Broke
             Ok(conn) => return Ok(conn),
             Err(e) if e.is_fatal() => return Err(e),
             Err(e) => {
-                tracing::warn!(node = %url.display, error = %e, "broker node did not answer");
-                last = e.to_string();
+                let why = match e {
+                    BrokerError::Connect { last, .. } => last,
+                    e => e.to_string(),
+                };
+                if urls.len() > 1 {
+                    tracing::warn!(node = %url.display, error = %why, "broker node did not answer");
+                }
+                last = why;
             }
         }
     }
@@ -132,7 +157,7 @@ async fn connect_one(url: &BrokerUrl, name: &str) -> Result<Connection, BrokerEr
     })?
     .map_err(|e| BrokerError::Connect {
         nodes: url.display.clone(),
-        last: e.to_string(),
+        last: reason(&e),
     })?;
     Ok(conn)
 }

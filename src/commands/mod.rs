@@ -1,5 +1,6 @@
 //! The commands besides `run`: `check`, `setup`, `publish` and `receive`.
 
+pub mod check;
 pub mod dlq;
 pub mod publish;
 pub mod receive;
@@ -17,10 +18,15 @@ pub fn check_summary(settings: &Settings) -> String {
     ));
     let nodes: Vec<&str> = b.urls.iter().map(|u| u.display.as_str()).collect();
     out.push_str(&format!(
-        "broker: {} (exchange {}, prefetch {})\n",
+        "broker: {} (exchange {}, prefetch {}{})\n",
         nodes.join(", "),
         b.exchange,
-        b.prefetch
+        b.prefetch,
+        if b.prefetch_set {
+            ""
+        } else {
+            ", the default for these accounts"
+        }
     ));
     let tiers: Vec<String> = settings
         .retry

@@ -24,6 +24,16 @@ pub enum PublishFileError {
     #[error(transparent)]
     Broker(#[from] BrokerError),
     #[error(
+        "no queue is bound to exchange {exchange} for event on line {line} (routing key \
+         {routing_key}), so nothing was published from there on: run `courier setup` once to \
+         declare courier's queues"
+    )]
+    Unroutable {
+        exchange: String,
+        line: usize,
+        routing_key: String,
+    },
+    #[error(
         "the broker did not take event on line {line}: {source}; is the topology declared? run `courier setup`"
     )]
     NotConfirmed {
@@ -99,7 +109,21 @@ pub async fn publish(
     let exchange = settings.broker.exchange.as_str();
     let mut pending = VecDeque::with_capacity(CONFIRM_WINDOW);
     let mut published = 0;
-    let not_confirmed = |line: usize| move |source| PublishFileError::NotConfirmed { line, source };
+    let not_confirmed = |line: usize| {
+        let routing_key = lines
+            .iter()
+            .find(|l| l.number == line)
+            .map(|l| l.routing_key.clone())
+            .unwrap_or_default();
+        move |source| match source {
+            PublishError::Returned(_) => PublishFileError::Unroutable {
+                exchange: exchange.to_owned(),
+                line,
+                routing_key,
+            },
+            source => PublishFileError::NotConfirmed { line, source },
+        }
+    };
     for line in &lines {
         let confirm = publisher
             .send(exchange, &line.routing_key, &line.body, properties.clone())

@@ -26,7 +26,7 @@ pub(super) fn label(raw: &toml::Value, index: usize) -> String {
 pub(super) fn accounts(
     v: &Validator,
     raw: Vec<toml::Value>,
-    prefetch: u16,
+    prefetch: Option<u16>,
 ) -> Result<HashMap<String, Arc<Account>>, ConfigError> {
     if raw.is_empty() {
         return Err(v.err("account", None, "at least one [[account]] is required"));
@@ -37,7 +37,9 @@ pub(super) fn accounts(
         let label = label(&raw, index);
         let raw: RawAccount = raw::shape(v, "account", Some(&label), raw)?;
         let account = account(v, raw, &label)?;
-        if account.batch_size > usize::from(prefetch) {
+        if let Some(prefetch) = prefetch
+            && account.batch_size > usize::from(prefetch)
+        {
             return Err(v.err(
                 "broker.prefetch",
                 None,

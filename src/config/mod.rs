@@ -103,23 +103,79 @@ pub struct Settings {
     pub accounts: HashMap<String, Arc<Account>>,
 }
 
-/// The first section that differs between two configurations and needs a restart
-/// (`[broker]`, `[admin]`, `[log]`); `None` when a reload may apply `new`.
+/// The first key that differs between two configurations and needs a restart (e.g.
+/// `broker.prefetch`), or its section (`[broker]`, `[admin]`, `[log]`) when no key
+/// listed here differs; `None` when a reload may apply `new`.
 ///
 /// Each of these sections is compared whole, by its derived equality, so a key added to
-/// one of them needs a restart too without anyone remembering to list it here.
-/// `delivery.ordering` needs a restart as well (docs/configuration.md); this release
-/// accepts only `"none"`, so there is nothing to compare yet: a typed ordering setting
-/// belongs in this list.
+/// one of them needs a restart too without anyone remembering to list it here: it is
+/// then named by its section. `delivery.ordering` needs a restart as well
+/// (docs/configuration.md); this release accepts only `"none"`, so there is nothing to
+/// compare yet: a typed ordering setting belongs in this list.
 pub fn restart_only_change(old: &Settings, new: &Settings) -> Option<&'static str> {
-    [
-        ("[broker]", old.broker == new.broker),
-        ("[admin]", old.admin == new.admin),
-        ("[log]", old.log == new.log),
-    ]
-    .into_iter()
-    .find(|(_, same)| !same)
-    .map(|(section, _)| section)
+    let (b, nb) = (&old.broker, &new.broker);
+    let sections = [
+        (
+            "[broker]",
+            b == nb,
+            vec![
+                ("broker.url", b.urls == nb.urls),
+                ("broker.exchange", b.exchange == nb.exchange),
+                ("broker.queue_prefix", b.queue_prefix == nb.queue_prefix),
+                (
+                    "broker.prefetch",
+                    b.prefetch == nb.prefetch && b.prefetch_set == nb.prefetch_set,
+                ),
+                ("broker.shards", b.shards == nb.shards),
+                (
+                    "broker.max_event_bytes",
+                    b.max_event_bytes == nb.max_event_bytes,
+                ),
+                (
+                    "broker.delivery_limit",
+                    b.delivery_limit == nb.delivery_limit,
+                ),
+            ],
+        ),
+        (
+            "[admin]",
+            old.admin == new.admin,
+            vec![("admin.listen", old.admin.listen == new.admin.listen)],
+        ),
+        (
+            "[log]",
+            old.log == new.log,
+            vec![
+                ("log.level", old.log.level == new.log.level),
+                ("log.format", old.log.format == new.log.format),
+            ],
+        ),
+    ];
+    let (section, _, keys) = sections.into_iter().find(|(_, same, _)| !same)?;
+    let key = keys.into_iter().find(|(_, same)| !same).map(|(key, _)| key);
+    Some(key.unwrap_or(section))
+}
+
+/// courier's default prefetch window, from the accounts (docs/configuration.md,
+/// `prefetch`): room for one full batch of every destination, and a quarter more for
+/// batches in flight, between 1,000 and 10,000 messages. Past 100 destinations the window
+/// shrinks in proportion, down to 1,000: their batches cannot fill in any window of a
+/// reasonable size, and each destination costs memory of its own.
+pub fn default_prefetch<'a>(accounts: impl IntoIterator<Item = &'a Account>) -> u16 {
+    const LEAST: usize = 1000;
+    const MOST: usize = 10_000;
+    const MANY_DESTINATIONS: usize = 100;
+    let (mut destinations, mut room) = (0usize, 0usize);
+    for account in accounts {
+        let types = 1 + usize::from(account.contacts_url.is_some());
+        destinations += types;
+        room += types * account.batch_size;
+    }
+    let mut window = (room + room / 4).clamp(LEAST, MOST);
+    if destinations > MANY_DESTINATIONS {
+        window = (window * MANY_DESTINATIONS / destinations).max(LEAST);
+    }
+    u16::try_from(window).expect("at most 10,000")
 }
 
 /// `[broker]`. Needs a restart to change.
@@ -129,7 +185,10 @@ pub struct BrokerSettings {
     pub urls: Vec<BrokerUrl>,
     pub exchange: String,
     pub queue_prefix: String,
+    /// The prefetch window: as configured, else [`default_prefetch`] of the accounts.
     pub prefetch: u16,
+    /// `prefetch` was set in the file.
+    pub prefetch_set: bool,
     pub shards: u16,
     pub max_event_bytes: usize,
     pub delivery_limit: u32,
@@ -385,15 +444,15 @@ mod tests {
     fn restart_only_sections_are_refused_on_reload() {
         let old = parse_with(MINIMAL, &[]).unwrap();
         let changes = [
-            ("broker", "exchange = \"other\"", "[broker]"),
-            ("broker", "queue_prefix = \"other\"", "[broker]"),
-            ("broker", "prefetch = 999", "[broker]"),
-            ("broker", "shards = 5", "[broker]"),
-            ("broker", "max_event_bytes = 1000", "[broker]"),
-            ("broker", "delivery_limit = 11", "[broker]"),
-            ("admin", "listen = \"127.0.0.1:9465\"", "[admin]"),
-            ("log", "level = \"debug\"", "[log]"),
-            ("log", "format = \"json\"", "[log]"),
+            ("broker", "exchange = \"other\"", "broker.exchange"),
+            ("broker", "queue_prefix = \"other\"", "broker.queue_prefix"),
+            ("broker", "prefetch = 999", "broker.prefetch"),
+            ("broker", "shards = 5", "broker.shards"),
+            ("broker", "max_event_bytes = 1000", "broker.max_event_bytes"),
+            ("broker", "delivery_limit = 11", "broker.delivery_limit"),
+            ("admin", "listen = \"127.0.0.1:9465\"", "admin.listen"),
+            ("log", "level = \"debug\"", "log.level"),
+            ("log", "format = \"json\"", "log.format"),
         ];
         for (section, line, refused) in changes {
             let new = with(section, line);
@@ -402,7 +461,26 @@ mod tests {
         // The whole URL counts, its password too.
         let url = MINIMAL.replace("secretpw", "newpw");
         let new = parse_with(&url, &[]).unwrap();
-        assert_eq!(restart_only_change(&old, &new), Some("[broker]"));
+        assert_eq!(restart_only_change(&old, &new), Some("broker.url"));
+    }
+
+    #[test]
+    fn a_table_twice_and_a_top_level_key_after_the_accounts_are_named() {
+        let twice = MINIMAL.replace("[[account]]", "[broker]\nprefetch = 5\n[[account]]");
+        let err = parse_with(&twice, &[]).unwrap_err().to_string();
+        assert!(err.contains("the table [broker] appears twice"), "{err}");
+        assert!(err.contains("(line "), "{err}");
+        let key_twice = MINIMAL.replace(
+            "[[account]]",
+            "[retry]\nmax_age = \"1h\"\nmax_age = \"2h\"\n[[account]]",
+        );
+        let err = parse_with(&key_twice, &[]).unwrap_err().to_string();
+        assert!(err.contains("the key max_age is given twice"), "{err}");
+        let late = format!("{MINIMAL}shutdown_timeout = \"5s\"\n");
+        let err = parse_with(&late, &[]).unwrap_err().to_string();
+        assert!(err.contains("account.shutdown_timeout"), "{err}");
+        assert!(err.contains("shutdown_timeout is a top-level key"), "{err}");
+        assert!(err.contains("above the first"), "{err}");
     }
 
     #[test]

@@ -56,7 +56,10 @@ fn syntax(v: &Validator, text: &str) -> Result<toml::Table, ConfigError> {
     let refused = |message: &str, e: &toml::de::Error| {
         v.err("(syntax)", None, format!("{message}{}", location(text, e)))
     };
-    toml::de::DeTable::parse(text).map_err(|e| refused(e.message(), &e))?;
+    toml::de::DeTable::parse(text).map_err(|e| match duplicate(text, &e) {
+        Some(message) => v.err("(syntax)", None, format!("{message}{}", location(text, &e))),
+        None => refused(e.message(), &e),
+    })?;
     toml::from_str(text).map_err(|e| refused("a number is out of range", &e))
 }
 
@@ -83,6 +86,31 @@ fn section<T: DeserializeOwned>(
 ) -> Result<T, ConfigError> {
     let value = value.unwrap_or_else(|| toml::Value::Table(toml::Table::new()));
     shape(v, name, None, value)
+}
+
+/// What to say of a key or table written twice: its name (a key name, never a value),
+/// and for a table that its keys belong under one header.
+fn duplicate(text: &str, e: &toml::de::Error) -> Option<String> {
+    if !e.message().starts_with("duplicate key") {
+        return None;
+    }
+    let span = e.span()?;
+    let name = text.get(span.clone())?.trim().trim_matches('"');
+    let plain = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if !plain {
+        return None;
+    }
+    let line_start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
+    if text[line_start..].trim_start().starts_with('[') {
+        Some(format!(
+            "the table [{name}] appears twice; put all its keys under one [{name}] header"
+        ))
+    } else {
+        Some(format!("the key {name} is given twice in the same table"))
+    }
 }
 
 /// A toml error's line, for syntax errors.
@@ -159,8 +187,9 @@ pub(super) struct RawBroker {
     pub exchange: String,
     #[serde(default = "default_queue_prefix")]
     pub queue_prefix: String,
-    #[serde(default = "default_prefetch")]
-    pub prefetch: i64,
+    /// Unset: derived from the accounts (`config::default_prefetch`).
+    #[serde(default)]
+    pub prefetch: Option<i64>,
     #[serde(default = "default_shards")]
     pub shards: i64,
     #[serde(default = "default_max_event_bytes")]
@@ -175,11 +204,6 @@ fn default_exchange() -> String {
 
 fn default_queue_prefix() -> String {
     "courier".into()
-}
-
-/// courier's own default, chosen by measurement (docs/performance.md).
-fn default_prefetch() -> i64 {
-    1000
 }
 
 fn default_shards() -> i64 {

@@ -94,6 +94,16 @@ impl de::Error for ShapeError {
     }
 
     fn unknown_field(field: &str, expected: &'static [&'static str]) -> Self {
+        if TOP_LEVEL_KEYS.contains(&field) {
+            // In TOML a key belongs to the table whose header comes before it.
+            return Self::at(
+                field,
+                format!(
+                    "unknown key here: {field} is a top-level key; write it above the first \
+                     [section] or [[account]] header, where no table has begun"
+                ),
+            );
+        }
         Self::at(
             field,
             format!("unknown key (the known ones: {})", expected.join(", ")),
@@ -108,6 +118,10 @@ impl de::Error for ShapeError {
         Self::at(field, "is given twice".into())
     }
 }
+
+/// Keys of the top level that are not tables: written after a table header, they land
+/// in that table.
+const TOP_LEVEL_KEYS: &[&str] = &["shutdown_timeout"];
 
 /// serde's name of an expected type, in the words of docs/configuration.md.
 fn expected_name(expected: &dyn Expected) -> String {

@@ -24,13 +24,17 @@ pub(super) fn settings(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Settings, ConfigError> {
     let shutdown_timeout = v.duration("shutdown_timeout", None, &raw.shutdown_timeout)?;
-    let broker = broker(v, raw.broker, env)?;
+    let mut broker = broker(v, raw.broker, env)?;
     let delivery = delivery(v, raw.delivery, broker.max_event_bytes)?;
     let retry = retry(v, raw.retry)?;
     let circuit = circuit(v, raw.circuit)?;
     let admin = admin(v, raw.admin, env)?;
     let log = log(v, raw.log)?;
-    let accounts = account::accounts(v, raw.accounts, broker.prefetch)?;
+    let set = broker.prefetch_set.then_some(broker.prefetch);
+    let accounts = account::accounts(v, raw.accounts, set)?;
+    if !broker.prefetch_set {
+        broker.prefetch = super::default_prefetch(accounts.values().map(|a| a.as_ref()));
+    }
     Ok(Settings {
         source: v.file.to_path_buf(),
         shutdown_timeout,
@@ -74,7 +78,11 @@ fn broker(
         urls,
         exchange: raw.exchange,
         queue_prefix: raw.queue_prefix,
-        prefetch: v.int("broker.prefetch", None, raw.prefetch, 1..=65535)?,
+        prefetch: match raw.prefetch {
+            Some(prefetch) => v.int("broker.prefetch", None, prefetch, 1..=65535)?,
+            None => 0, // derived from the accounts once they are read
+        },
+        prefetch_set: raw.prefetch.is_some(),
         shards: v.int("broker.shards", None, raw.shards, 1..=1024)?,
         max_event_bytes: v.int(
             "broker.max_event_bytes",
@@ -384,6 +392,43 @@ mod tests {
     use super::super::DEFAULT_SIGNATURE_HEADER;
     use super::super::testing::{MINIMAL, error_of, parse_with};
     use super::*;
+
+    #[test]
+    fn the_default_prefetch_holds_a_batch_of_every_destination() {
+        let accounts = |n: usize, batch: usize, contacts: bool| {
+            let mut text = String::from("[broker]\nurl = \"amqp://127.0.0.1\"\n");
+            for i in 0..n {
+                text.push_str(&format!(
+                    "[[account]]\nid = \"a{i}\"\ncompanies_url = \"https://h.example/c\"\nbatch_size = {batch}\n"
+                ));
+                if contacts {
+                    text.push_str("contacts_url = \"https://h.example/p\"\n");
+                }
+            }
+            parse_with(&text, &[]).unwrap().broker
+        };
+        let cases = [
+            // (accounts, batch_size, contacts, window)
+            (1, 1, false, 1000),    // at least 1,000
+            (1, 200, true, 1000),   // 2 × 200 × 1.25 = 500
+            (10, 200, true, 5000),  // 20 destinations × 200 × 1.25
+            (20, 200, true, 10000), // 40 destinations: the benchmark's shape
+            (30, 200, true, 10000), // at most 10,000
+            (100, 200, true, 5000), // 200 destinations: shrinks in proportion
+            (2000, 200, true, 1000),
+        ];
+        for (n, batch, contacts, window) in cases {
+            let broker = accounts(n, batch, contacts);
+            assert_eq!(broker.prefetch, window, "{n} accounts, batch {batch}");
+            assert!(!broker.prefetch_set);
+        }
+        let set = parse_with(
+            &MINIMAL.replace("[broker]", "[broker]\nprefetch = 300"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!((set.broker.prefetch, set.broker.prefetch_set), (300, true));
+    }
 
     #[test]
     fn defaults_follow_the_contract() {

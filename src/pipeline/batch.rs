@@ -91,6 +91,8 @@ impl<C, T> Open<C, T> {
 pub struct Accumulator<K, C, T> {
     open: HashMap<K, Open<C, T>>,
     deadlines: BTreeMap<(Instant, u64), K>,
+    /// Open batches by age (`seq`), the oldest first.
+    ages: BTreeMap<u64, K>,
     next_seq: u64,
     buffered: usize,
 }
@@ -100,6 +102,7 @@ impl<K: Clone + Eq + Hash, C, T> Default for Accumulator<K, C, T> {
         Self {
             open: HashMap::new(),
             deadlines: BTreeMap::new(),
+            ages: BTreeMap::new(),
             next_seq: 0,
             buffered: 0,
         }
@@ -120,6 +123,21 @@ impl<K: Clone + Eq + Hash, C, T> Accumulator<K, C, T> {
     /// When the oldest open batch is due.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.deadlines.keys().next().map(|(at, _)| *at)
+    }
+
+    /// The oldest open batch and its first event: the one that arrived first of all the
+    /// events held open.
+    pub fn oldest(&self) -> Option<(&K, &T)> {
+        let key = self.ages.values().next()?;
+        let first = self.open.get(key)?.items.first()?;
+        Some((key, first))
+    }
+
+    /// Flushes the open batch of `key`, if there is one.
+    pub fn flush(&mut self, key: &K, reason: FlushReason, mut emit: impl FnMut(Flushed<K, C, T>)) {
+        if let Some(flushed) = self.take(key, reason) {
+            emit(flushed);
+        }
     }
 
     /// Adds one event of `len` bytes. `ctx` gives the settings for a new batch (it is not
@@ -149,6 +167,7 @@ impl<K: Clone + Eq + Hash, C, T> Accumulator<K, C, T> {
                 self.next_seq += 1;
                 let deadline = now + limits.flush_interval;
                 self.deadlines.insert((deadline, seq), key.clone());
+                self.ages.insert(seq, key.clone());
                 self.open.entry(key.clone()).or_insert(Open {
                     ctx,
                     limits,
@@ -195,12 +214,43 @@ impl<K: Clone + Eq + Hash, C, T> Accumulator<K, C, T> {
         }
     }
 
+    /// Flushes the fullest open batches, largest first, until at most `keep` events stay
+    /// buffered: the prefetch window is (nearly) full. The batches left open keep
+    /// filling, so a window shared by many destinations still sends batches near their
+    /// size instead of many small ones.
+    pub fn flush_fullest(
+        &mut self,
+        reason: FlushReason,
+        keep: usize,
+        mut emit: impl FnMut(Flushed<K, C, T>),
+    ) {
+        if self.buffered <= keep {
+            return;
+        }
+        let mut by_size: Vec<(usize, u64, K)> = self
+            .open
+            .iter()
+            .map(|(key, open)| (open.items.len(), open.seq, key.clone()))
+            .collect();
+        // Fullest first; among equals the oldest, whose messages hold the ack watermark.
+        by_size.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        for (_, _, key) in by_size {
+            if self.buffered <= keep {
+                break;
+            }
+            if let Some(flushed) = self.take(&key, reason) {
+                emit(flushed);
+            }
+        }
+    }
+
     /// Drops every open batch without flushing (their messages were lost with their
     /// channel and will be redelivered).
     pub fn discard(&mut self) -> usize {
         let n = self.buffered;
         self.open.clear();
         self.deadlines.clear();
+        self.ages.clear();
         self.buffered = 0;
         n
     }
@@ -208,6 +258,7 @@ impl<K: Clone + Eq + Hash, C, T> Accumulator<K, C, T> {
     fn take(&mut self, key: &K, reason: FlushReason) -> Option<Flushed<K, C, T>> {
         let open = self.open.remove(key)?;
         self.deadlines.remove(&(open.deadline, open.seq));
+        self.ages.remove(&open.seq);
         self.buffered -= open.items.len();
         Some(Flushed {
             key: key.clone(),
@@ -361,6 +412,64 @@ mod tests {
             rest.push((f.items.len(), f.reason))
         });
         assert_eq!(rest, vec![(1, FlushReason::Shutdown)]);
+    }
+
+    #[test]
+    fn flush_fullest_sends_the_largest_batches_until_few_enough_stay() {
+        let mut acc = Acc::default();
+        let l = limits(100, 10_000, 60_000);
+        for (key, n) in [("a", 2), ("b", 7), ("c", 4), ("d", 4), ("e", 1)] {
+            for i in 0..n {
+                push(&mut acc, key, i, 10, l);
+            }
+        }
+        assert_eq!(acc.buffered(), 18);
+        let mut out = Vec::new();
+        acc.flush_fullest(FlushReason::Window, 9, |f| {
+            out.push((f.key, f.items.len(), f.reason))
+        });
+        // 18 - 7 = 11 > 9, so one of the two fours goes too: the older ("c").
+        assert_eq!(
+            out,
+            vec![("b", 7, FlushReason::Window), ("c", 4, FlushReason::Window)]
+        );
+        assert_eq!(acc.buffered(), 7);
+        assert_eq!(acc.open_batches(), 3);
+        out.clear();
+        acc.flush_fullest(FlushReason::Window, 7, |f| out.push((f.key, 0, f.reason)));
+        assert!(out.is_empty(), "nothing to do at or below `keep`");
+        acc.flush_fullest(FlushReason::Window, 0, |f| out.push((f.key, 0, f.reason)));
+        assert_eq!(out.len(), 3);
+        assert_eq!(acc.buffered(), 0);
+        assert_eq!(acc.next_deadline(), None);
+    }
+
+    #[test]
+    fn the_oldest_batch_is_the_first_opened_still_open() {
+        let mut acc = Acc::default();
+        let l = limits(2, 10_000, 60_000);
+        assert_eq!(acc.oldest(), None);
+        push(&mut acc, "a", 1, 10, l);
+        push(&mut acc, "b", 2, 10, l);
+        push(&mut acc, "c", 3, 10, l);
+        assert_eq!(acc.oldest(), Some((&"a", &1)));
+        push(&mut acc, "a", 4, 10, l); // full: flushed by size
+        assert_eq!(acc.oldest(), Some((&"b", &2)));
+        let mut out = Vec::new();
+        acc.flush(&"b", FlushReason::Window, |f| {
+            out.push((f.key, f.items, f.reason))
+        });
+        assert_eq!(out, vec![("b", vec![2], FlushReason::Window)]);
+        assert_eq!(acc.oldest(), Some((&"c", &3)));
+        push(&mut acc, "a", 5, 10, l);
+        assert_eq!(
+            acc.oldest(),
+            Some((&"c", &3)),
+            "a reopened batch is the newest"
+        );
+        acc.flush(&"zz", FlushReason::Window, |_| panic!("no such batch"));
+        assert_eq!(acc.discard(), 2);
+        assert_eq!(acc.oldest(), None);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::Key;
 use super::batch::{Accumulator, FlushReason, Flushed, Limits};
 use super::deliver::{self, Batch, Context};
-use super::reload::Live;
+use super::reload::{self, Live};
 use super::session::Session;
 use super::settle::{DeadLetter, Pending, UNKNOWN_ACCOUNT};
 use super::warnings::{Kind, Warnings};
@@ -36,7 +36,10 @@ pub struct Intake {
 
 /// Why the consumer loop ended.
 pub enum Ended {
-    Shutdown,
+    /// Shutdown: `flushed` open batches were sent at once.
+    Shutdown {
+        flushed: usize,
+    },
     Lost(String),
 }
 
@@ -68,10 +71,14 @@ pub async fn consume(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
-                open.drain(FlushReason::Shutdown, |f| dispatch(cx, &mut intake.destinations, f));
-                break Ended::Shutdown;
+                let mut flushed = 0;
+                open.drain(FlushReason::Shutdown, |f| {
+                    flushed += 1;
+                    dispatch(cx, &mut intake.destinations, f)
+                });
+                break Ended::Shutdown { flushed };
             }
-            Ok(()) = intake.reloads.changed() => reloaded(intake),
+            Ok(()) = intake.reloads.changed() => reloaded(intake, cx),
             _ = due => {
                 let now = Instant::now();
                 open.expired(now, |f| dispatch(cx, &mut intake.destinations, f));
@@ -85,16 +92,8 @@ pub async fn consume(
                 };
                 session.window.fetch_add(1, Ordering::SeqCst);
                 accept(intake, &mut open, cx, delivery);
-                // A full window means no new message can arrive: flush every open batch
-                // instead of waiting for their timers. Where the window holds two of the
-                // largest batches, flush already at half a window, so the broker keeps
-                // sending while those are delivered and any batch can still fill
-                // (docs/performance.md).
-                let full = session.window.load(Ordering::SeqCst) >= prefetch;
-                let half = intake.live.pipelined && open.buffered() >= prefetch.div_ceil(2);
-                if (full || half) && open.buffered() > 0 {
-                    open.drain(FlushReason::Window, |f| dispatch(cx, &mut intake.destinations, f));
-                }
+                let window = session.window.load(Ordering::SeqCst);
+                window_flush(intake, &mut open, cx, window, session.acks.low(), prefetch);
             }
         }
         cx.shared.metrics.set_buffered(open.buffered());
@@ -107,9 +106,100 @@ pub async fn consume(
     ended
 }
 
+/// Carries out [`window_rule`] after each delivery.
+fn window_flush(
+    intake: &mut Intake,
+    open: &mut Open,
+    cx: &Arc<Context>,
+    window: usize,
+    low: u64,
+    prefetch: usize,
+) {
+    let oldest_holds_low = open.oldest().is_some_and(|(_, first)| first.tag <= low);
+    let state = Window {
+        pipelined: intake.live.pipelined,
+        prefetch,
+        unacked: window,
+        buffered: open.buffered(),
+        oldest_holds_low,
+    };
+    let mut emit = |f| dispatch(cx, &mut intake.destinations, f);
+    match window_rule(&state) {
+        None => {}
+        Some(WindowFlush::All) => open.drain(FlushReason::Window, emit),
+        Some(WindowFlush::Fullest { keep }) => open.flush_fullest(FlushReason::Window, keep, emit),
+        Some(WindowFlush::Oldest) => {
+            if let Some((key, _)) = open.oldest() {
+                let key = key.clone();
+                open.flush(&key, FlushReason::Window, &mut emit);
+            }
+        }
+    }
+}
+
+/// The prefetch window as the consumer sees it after a delivery.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    /// The window holds at least two of the largest batches.
+    pipelined: bool,
+    prefetch: usize,
+    /// Messages the broker holds unacknowledged for this channel.
+    unacked: usize,
+    /// Of those, events in open batches.
+    buffered: usize,
+    /// The oldest open batch holds the oldest unsettled message: no ack can pass it.
+    oldest_holds_low: bool,
+}
+
+/// What the window calls for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WindowFlush {
+    /// Every open batch.
+    All,
+    /// The fullest, until at most `keep` events stay open.
+    Fullest { keep: usize },
+    /// The oldest open batch.
+    Oldest,
+}
+
+/// Keeps the prefetch window moving (docs/design.md, "Early flush when the prefetch
+/// window is full"):
+/// - where the window holds fewer than two of the largest batches, a full window flushes
+///   every open batch;
+/// - else open batches may hold at most half the window: past that, the fullest are
+///   flushed until a quarter is left, so the broker keeps sending while they are
+///   delivered and the rest go on filling;
+/// - a full window (no new message can arrive) halves what is open, the fullest first;
+/// - from three quarters of a window, an open batch that holds the oldest unsettled
+///   message is flushed: the settled messages behind it can be acknowledged only after
+///   it, and they fill the window meanwhile.
+fn window_rule(w: &Window) -> Option<WindowFlush> {
+    if w.buffered == 0 {
+        None
+    } else if !w.pipelined {
+        (w.unacked >= w.prefetch).then_some(WindowFlush::All)
+    } else if w.buffered >= w.prefetch.div_ceil(2) {
+        Some(WindowFlush::Fullest {
+            keep: w.prefetch / 4,
+        })
+    } else if w.unacked >= w.prefetch {
+        Some(WindowFlush::Fullest {
+            keep: w.buffered / 2,
+        })
+    } else if 4 * w.unacked >= 3 * w.prefetch && w.oldest_holds_low {
+        Some(WindowFlush::Oldest)
+    } else {
+        None
+    }
+}
+
 /// Applies a reloaded configuration to batches formed from now on.
-fn reloaded(intake: &mut Intake) {
+fn reloaded(intake: &mut Intake, cx: &Context) {
     let settings = intake.reloads.borrow_and_update().clone();
+    cx.shared.reset_circuits(&reload::moved_destinations(
+        &intake.live.settings,
+        &settings,
+    ));
     match intake.live.reloaded(settings) {
         Ok((live, reset_destinations)) => {
             if reset_destinations {
@@ -159,12 +249,9 @@ fn dispatch(cx: &Arc<Context>, destinations: &mut HashMap<Key, Arc<Semaphore>>, 
         .entry(flushed.key.clone())
         .or_insert_with(|| Arc::new(Semaphore::new(limit)))
         .clone();
-    cx.shared.metrics.batch_flushed(
-        &flushed.key.0,
-        flushed.key.1,
-        flushed.items.len(),
-        flushed.reason,
-    );
+    cx.shared
+        .metrics
+        .batch_flushed(&flushed.key.0, flushed.key.1, flushed.reason);
     let batch = Batch {
         live,
         account,
@@ -202,6 +289,8 @@ fn route(
             e.occurred_at,
         )
     });
+    // Read before the body moves into its `Pending`, and only for an invalid event.
+    let labels = parsed.is_err().then(|| invalid_labels(&data, settings));
     let pending = |id: String, lag_from, properties| Pending {
         body: data.into(),
         id,
@@ -222,7 +311,8 @@ fn route(
             };
             let line = warnings.note(Kind::InvalidEvent, &label, &invalid.0, Instant::now());
             line.iter().for_each(|line| line.log());
-            let dead = dead_letter("invalid_event", "", "", invalid.0);
+            let (account, kind) = labels.expect("labels are read for an invalid event");
+            let dead = dead_letter("invalid_event", &account, kind, invalid.0);
             spawn_dead_letter(cx, pending(String::new(), first_seen, properties), dead);
             return None;
         }
@@ -248,6 +338,33 @@ fn route(
     Some(((account.id.clone(), kind), account.clone(), item))
 }
 
+/// The metric labels of an invalid event: its account if the body names a configured
+/// one, its type if valid; `(unknown)` otherwise (labels only take configured values).
+fn invalid_labels(data: &[u8], settings: &Settings) -> (String, &'static str) {
+    #[derive(serde::Deserialize)]
+    struct Named<'a> {
+        #[serde(borrow)]
+        account: Option<std::borrow::Cow<'a, str>>,
+        #[serde(rename = "type", borrow)]
+        kind: Option<std::borrow::Cow<'a, str>>,
+    }
+    let named = serde_json::from_slice::<Named>(data).ok();
+    let account = named
+        .as_ref()
+        .and_then(|n| n.account.as_deref())
+        .and_then(|id| settings.accounts.get(id))
+        .map(|a| a.id.to_string());
+    let kind = named
+        .as_ref()
+        .and_then(|n| n.kind.as_deref())
+        .and_then(event::RecordType::parse)
+        .map(event::RecordType::as_str);
+    (
+        account.unwrap_or_else(|| UNKNOWN_ACCOUNT.to_owned()),
+        kind.unwrap_or(UNKNOWN_ACCOUNT),
+    )
+}
+
 fn dead_letter(reason: &str, account: &str, kind: &str, error: String) -> DeadLetter {
     DeadLetter {
         reason: reason.to_owned(),
@@ -261,6 +378,74 @@ fn dead_letter(reason: &str, account: &str, kind: &str, error: String) -> DeadLe
 
 fn spawn_dead_letter(cx: &Arc<Context>, item: Pending, dead: DeadLetter) {
     let settle = cx.settle.clone();
-    cx.tasks
-        .spawn(async move { settle.dead_letter(item, &dead).await });
+    cx.tasks.spawn(async move {
+        settle.dead_letter(item, &dead).await;
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(unacked: usize, buffered: usize, oldest_holds_low: bool) -> Window {
+        Window {
+            pipelined: true,
+            prefetch: 1000,
+            unacked,
+            buffered,
+            oldest_holds_low,
+        }
+    }
+
+    #[test]
+    fn window_rules() {
+        use WindowFlush::*;
+        let small = Window {
+            pipelined: false,
+            ..window(1000, 300, true)
+        };
+        let cases = [
+            // (state, expected, why)
+            (window(400, 0, true), None, "nothing open"),
+            (window(400, 300, true), None, "room left, batches filling"),
+            (
+                window(900, 499, false),
+                None,
+                "three quarters, the oldest is in flight",
+            ),
+            (window(749, 300, true), None, "below three quarters"),
+            (
+                window(750, 300, true),
+                Some(Oldest),
+                "the oldest open batch holds the acks",
+            ),
+            (
+                window(600, 500, false),
+                Some(Fullest { keep: 250 }),
+                "half the window open",
+            ),
+            (
+                window(1000, 300, false),
+                Some(Fullest { keep: 150 }),
+                "full: halve",
+            ),
+            (
+                window(1000, 300, true),
+                Some(Fullest { keep: 150 }),
+                "full comes first",
+            ),
+            (small, Some(All), "a small window: everything when full"),
+            (
+                Window {
+                    unacked: 999,
+                    ..small
+                },
+                None,
+                "a small window not yet full",
+            ),
+        ];
+        for (state, expected, why) in cases {
+            assert_eq!(window_rule(&state), expected, "{why}: {state:?}");
+        }
+    }
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::time::Instant;
 
-use crate::circuit::Admission;
+use crate::circuit::{Admission, Cause};
 use crate::config::RetrySettings;
 use crate::http::Outcome;
 
@@ -30,8 +30,9 @@ pub const MAX_HOLD: Duration = Duration::from_secs(600);
 pub enum Attempted {
     /// No request slot came free before the hold limit.
     NoSlot,
-    /// The destination's circuit is open: no request was sent.
-    CircuitOpen,
+    /// The destination's circuit is open: no request was sent. `cause` is the last
+    /// retryable outcome of a request to it, which the events report as theirs.
+    CircuitOpen { cause: Option<Cause> },
     /// A request went out under `admission` and came to `outcome`.
     Sent {
         admission: Admission,
@@ -85,7 +86,7 @@ pub struct Failure {
 ///
 /// | attempt | → step |
 /// |---|---|
-/// | no slot before the hold limit, or circuit open | `Schedule` |
+/// | no slot before the hold limit, or circuit open | `Schedule` (an open circuit reports the last real attempt's status and error) |
 /// | 2xx | `Ack` |
 /// | 400, 413, 422 | `Split` (several events), `Reject` (one) |
 /// | retryable, as the probe, or the last immediate attempt, or `Retry-After` over `max_interval` | `Schedule` |
@@ -103,11 +104,19 @@ pub fn decide(attempted: &Attempted, progress: &Progress<'_>, retry: &RetrySetti
                 retry_after: None,
             });
         }
-        Attempted::CircuitOpen => {
-            return Step::Schedule(Failure {
-                status: None,
-                error: format!("circuit open for {}", progress.destination),
-                retry_after: None,
+        Attempted::CircuitOpen { cause } => {
+            let open = format!("circuit open for {}", progress.destination);
+            return Step::Schedule(match cause {
+                Some(cause) => Failure {
+                    status: cause.status,
+                    error: format!("{} (then {open}; no request sent)", cause.error),
+                    retry_after: None,
+                },
+                None => Failure {
+                    status: None,
+                    error: open,
+                    retry_after: None,
+                },
             });
         }
         Attempted::Sent { admission, outcome } => (*admission, outcome),
@@ -146,12 +155,13 @@ pub fn decide(attempted: &Attempted, progress: &Progress<'_>, retry: &RetrySetti
 }
 
 /// What one attempt tells the destination's circuit breaker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CircuitNote {
     /// A 2xx: the circuit closes.
     Success,
-    /// A retryable outcome; `probe` when it answered the probe.
-    Failure { probe: bool },
+    /// A retryable outcome; `probe` when it answered the probe. `cause` is what events
+    /// refused by the open circuit report.
+    Failure { probe: bool, cause: Cause },
     /// A rejected probe: neither success nor failure, the next batch probes again.
     Neutral,
     /// A rejection outside a probe: nothing to record.
@@ -164,7 +174,13 @@ pub fn circuit_note(admission: Admission, outcome: &Outcome) -> CircuitNote {
     let probe = admission == Admission::Probe;
     match outcome {
         Outcome::Delivered { .. } => CircuitNote::Success,
-        Outcome::Retryable { .. } => CircuitNote::Failure { probe },
+        Outcome::Retryable { status, error, .. } => CircuitNote::Failure {
+            probe,
+            cause: Cause {
+                status: *status,
+                error: error.clone(),
+            },
+        },
         Outcome::Rejected { .. } if probe => CircuitNote::Neutral,
         Outcome::Rejected { .. } => CircuitNote::Nothing,
     }
@@ -326,11 +342,26 @@ mod tests {
 
     #[test]
     fn no_slot_and_an_open_circuit_leave_without_a_request() {
-        let Step::Schedule(f) = judge(Attempted::CircuitOpen, 1, 5, 600) else {
+        let open = |cause| judge(Attempted::CircuitOpen { cause }, 1, 5, 600);
+        let Step::Schedule(f) = open(None) else {
             panic!("circuit open must schedule");
         };
         assert_eq!((f.status, f.retry_after), (None, None));
         assert_eq!(f.error, "circuit open for https://hooks.example:443");
+        // The last real attempt's status and error stay the events' own.
+        let cause = Cause {
+            status: Some(500),
+            error: "HTTP 500 Internal Server Error".into(),
+        };
+        let Step::Schedule(f) = open(Some(cause)) else {
+            panic!("circuit open must schedule");
+        };
+        assert_eq!((f.status, f.retry_after), (Some(500), None));
+        assert_eq!(
+            f.error,
+            "HTTP 500 Internal Server Error (then circuit open for \
+             https://hooks.example:443; no request sent)"
+        );
         let Step::Schedule(f) = judge(Attempted::NoSlot, 2, 5, 0) else {
             panic!("no slot must schedule");
         };
@@ -348,13 +379,20 @@ mod tests {
         let err = retryable(Some(500), None);
         assert_eq!(circuit_note(Send, &ok), CircuitNote::Success);
         assert_eq!(circuit_note(Probe, &ok), CircuitNote::Success);
+        let cause = Cause {
+            status: Some(500),
+            error: "HTTP 503".into(),
+        };
         assert_eq!(
             circuit_note(Send, &err),
-            CircuitNote::Failure { probe: false }
+            CircuitNote::Failure {
+                probe: false,
+                cause: cause.clone()
+            }
         );
         assert_eq!(
             circuit_note(Probe, &err),
-            CircuitNote::Failure { probe: true }
+            CircuitNote::Failure { probe: true, cause }
         );
         assert_eq!(circuit_note(Send, &no), CircuitNote::Nothing);
         assert_eq!(circuit_note(Probe, &no), CircuitNote::Neutral);

@@ -11,8 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use secrecy::ExposeSecret;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
+use url::Url;
 
 use super::Key;
 use super::batch::Limits;
@@ -22,8 +23,9 @@ use super::decide::{
 use super::reload::Live;
 use super::session::Tasks;
 use super::settle::{DeadLetter, Pending, Settler};
+use super::warnings::DeadLetterLog;
 use crate::circuit::{Admission, Breakers};
-use crate::config::{Account, CircuitSettings, redact_url};
+use crate::config::{Account, CircuitSettings, Settings, redact_url};
 use crate::event::RecordType;
 use crate::http::{Outcome, Request, encode_body};
 use crate::metrics::{Metrics, RequestOutcome};
@@ -34,6 +36,53 @@ use crate::sign;
 pub struct Deliveries {
     pub metrics: Arc<Metrics>,
     pub circuits: Mutex<Breakers<Key>>,
+    /// The configuration in force (reloads replace it): whether a batch's URL is still
+    /// its destination's.
+    pub settings: watch::Receiver<Arc<Settings>>,
+    /// Dead-letterings logged, summarised per account, type and reason.
+    pub dead_log: Mutex<DeadLetterLog>,
+}
+
+impl Deliveries {
+    pub fn new(metrics: Arc<Metrics>, settings: watch::Receiver<Arc<Settings>>) -> Self {
+        Self {
+            metrics,
+            circuits: Mutex::new(Breakers::default()),
+            settings,
+            dead_log: Mutex::new(DeadLetterLog::default()),
+        }
+    }
+
+    /// Whether `url` is still the URL of destination `key`: a batch formed before a
+    /// reload that moved it tells nothing about the new receiver.
+    fn is_current(&self, key: &Key, url: &Url) -> bool {
+        let settings = self.settings.borrow();
+        let account = settings.accounts.get(&*key.0);
+        account.and_then(|a| a.url(key.1)) == Some(url)
+    }
+
+    /// Closes the circuits of destinations whose URL changed: another receiver.
+    pub fn reset_circuits(&self, moved: &[Key]) {
+        let mut circuits = self.circuits.lock().expect("circuit lock");
+        for key in moved {
+            if circuits.reset(key).is_some() {
+                tracing::info!(account = %key.0, r#type = %key.1, "circuit closed: the destination's URL changed");
+                self.metrics.set_circuit_open(&key.0, key.1, false);
+            }
+        }
+    }
+
+    /// Logs the summaries of dead-letterings due by now (every one on `shutdown`).
+    pub fn log_dead_summaries(&self, shutdown: bool) {
+        let mut log = self.dead_log.lock().expect("dead-letter log lock");
+        let due = if shutdown {
+            log.flush()
+        } else {
+            log.due(Instant::now())
+        };
+        drop(log);
+        due.iter().for_each(|summary| summary.log());
+    }
 }
 
 /// A flushed batch with what its delivery task needs.
@@ -94,7 +143,7 @@ async fn deliver(cx: Arc<Context>, batch: Batch) {
             event_count: batch.items.len(),
         };
         let attempted = cx
-            .attempt(&batch, &key, &live, request, hold_deadline)
+            .attempt(&batch, &key, &live, request, hold_deadline, &destination)
             .await;
         let progress = Progress {
             attempt,
@@ -107,7 +156,7 @@ async fn deliver(cx: Arc<Context>, batch: Batch) {
         let step = decide::decide(&attempted, &progress, retry);
         match step {
             Step::Wait(delay) => {
-                tracing::debug!(account = %key.0, kind = %key.1, attempt, ?delay, "attempt failed; trying again");
+                tracing::debug!(account = %key.0, r#type = %key.1, attempt, ?delay, "attempt failed; trying again");
                 cx.shared
                     .metrics
                     .events_retried(&key.0, key.1, "immediate", batch.items.len());
@@ -131,6 +180,7 @@ impl Context {
         live: &Live,
         request: Request<'_>,
         hold_deadline: Instant,
+        destination: &str,
     ) -> Attempted {
         let slots = tokio::time::timeout_at(hold_deadline, async {
             let slot = batch.destination.clone().acquire_owned().await;
@@ -143,12 +193,23 @@ impl Context {
         };
         let admission = self.admit(key);
         if admission == Admission::Refuse {
-            return Attempted::CircuitOpen;
+            let cause = self
+                .shared
+                .circuits
+                .lock()
+                .expect("circuit lock")
+                .last_cause(key);
+            return Attempted::CircuitOpen { cause };
         }
         let probe = ProbeGuard::new(&self.shared, key, admission);
-        let outcome = self.send(live, request, key).await;
-        probe.disarm();
-        self.note_circuit(key, admission, &outcome, &live.settings.circuit);
+        let url = request.url;
+        let outcome = self.send(live, request, key, destination).await;
+        if self.shared.is_current(key, url) {
+            probe.disarm();
+            self.note_circuit(key, admission, &outcome, &live.settings.circuit);
+        }
+        // Otherwise the URL was changed by a reload meanwhile: the outcome is not the new
+        // receiver's (an armed probe guard lets the next batch probe).
         Attempted::Sent { admission, outcome }
     }
 
@@ -157,9 +218,17 @@ impl Context {
         circuits.admit(key, Instant::now())
     }
 
-    /// One HTTP attempt, counted.
-    async fn send(&self, live: &Live, request: Request<'_>, key: &Key) -> Outcome {
+    /// One HTTP attempt, counted, and logged at debug.
+    async fn send(
+        &self,
+        live: &Live,
+        request: Request<'_>,
+        key: &Key,
+        destination: &str,
+    ) -> Outcome {
         let metrics = &self.shared.metrics;
+        let (events, attempt) = (request.event_count, request.attempt);
+        let delivery_id = request.delivery_id;
         metrics.inflight_add(1);
         let _inflight = scopeguard(|| metrics.inflight_add(-1));
         let started = Instant::now();
@@ -171,7 +240,17 @@ impl Context {
             Outcome::Rejected { .. } => RequestOutcome::Rejected,
             Outcome::Retryable { .. } => RequestOutcome::Retryable,
         };
-        metrics.request(&key.0, key.1, label, started.elapsed());
+        let duration = started.elapsed();
+        metrics.request(&key.0, key.1, events, label, duration);
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let (status, error) = match &outcome {
+                Outcome::Delivered { status } | Outcome::Rejected { status } => {
+                    (Some(*status), None)
+                }
+                Outcome::Retryable { status, error, .. } => (*status, Some(error.as_str())),
+            };
+            tracing::debug!(account = %key.0, r#type = %key.1, %destination, events, status, error, ?duration, %delivery_id, attempt, outcome = label.as_str(), "request");
+        }
         outcome
     }
 
@@ -186,8 +265,8 @@ impl Context {
         let mut circuits = self.shared.circuits.lock().expect("circuit lock");
         let change = match circuit_note(admission, outcome) {
             CircuitNote::Success => circuits.success(key),
-            CircuitNote::Failure { probe } => {
-                circuits.failure(key, Instant::now(), settings, probe)
+            CircuitNote::Failure { probe, cause } => {
+                circuits.failure(key, Instant::now(), settings, probe, cause)
             }
             CircuitNote::Neutral => {
                 circuits.neutral(key);
@@ -198,9 +277,9 @@ impl Context {
         drop(circuits);
         if let Some(change) = change {
             if change.open {
-                tracing::warn!(account = %key.0, kind = %key.1, cooldown = ?settings.cooldown, "circuit opened");
+                tracing::warn!(account = %key.0, r#type = %key.1, cooldown = ?settings.cooldown, "circuit opened");
             } else {
-                tracing::info!(account = %key.0, kind = %key.1, "circuit closed");
+                tracing::info!(account = %key.0, r#type = %key.1, "circuit closed");
             }
             self.shared
                 .metrics
@@ -233,7 +312,7 @@ impl Context {
                 // Isolate the rejected events: each half is a batch of its own.
                 let mut first = items;
                 let second = first.split_off(first.len() / 2);
-                tracing::info!(account = %account.id, %kind, status, events = first.len() + second.len(), "batch rejected; splitting");
+                tracing::info!(account = %account.id, r#type = %kind, status, events = first.len() + second.len(), "batch rejected; splitting");
                 for half in [first, second] {
                     metrics.batch_split(&account.id, kind);
                     let batch = Batch {
@@ -256,18 +335,60 @@ impl Context {
                     error: format!("HTTP {status}: the receiver rejected the event"),
                     destination: Some(destination.to_owned()),
                 };
+                let mut ids = Vec::new();
                 for item in items {
-                    Box::pin(self.settle.dead_letter(item, &dead)).await;
+                    let id = item.id.clone();
+                    if Box::pin(self.settle.dead_letter(item, &dead)).await {
+                        ids.push(id);
+                    }
                 }
+                self.log_dead_letters(&dead, &ids);
             }
             Step::Schedule(failure) => {
-                tracing::info!(account = %account.id, %kind, events = items.len(), status = ?failure.status, error = %failure.error, "to scheduled retry");
                 let retry = &live.settings.retry;
-                self.settle
+                let scheduled = self
+                    .settle
                     .schedule(items, &failure, destination, retry, (&account.id, kind))
                     .await;
+                for (delay, events) in &scheduled.tiers {
+                    let tier = humantime::format_duration(*delay);
+                    tracing::info!(account = %account.id, r#type = %kind, events, %tier, status = failure.status, error = %failure.error, %destination, "scheduled retry");
+                }
+                if !scheduled.exhausted.is_empty() {
+                    let dead = DeadLetter {
+                        reason: "retries_exhausted".into(),
+                        account: account.id.to_string(),
+                        kind: kind.as_str().to_owned(),
+                        status: failure.status,
+                        error: failure.error,
+                        destination: Some(destination.to_owned()),
+                    };
+                    self.log_dead_letters(&dead, &scheduled.exhausted);
+                }
             }
             Step::Wait(_) => unreachable!("waiting is the delivery loop's"),
+        }
+    }
+}
+
+impl Context {
+    /// Logs dead-letterings at warn: the first of its account, type and reason in an
+    /// interval with its cause, the rest summarised ([`DeadLetterLog`]).
+    fn log_dead_letters(&self, dead: &DeadLetter, ids: &[String]) {
+        if ids.is_empty() {
+            return;
+        }
+        let group = (dead.account.clone(), dead.kind.clone(), dead.reason.clone());
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let now = self
+            .shared
+            .dead_log
+            .lock()
+            .expect("dead-letter log lock")
+            .note(group, &refs, Instant::now());
+        if now {
+            let sample = refs.iter().take(3).copied().collect::<Vec<_>>().join(", ");
+            tracing::warn!(account = %dead.account, r#type = %dead.kind, reason = %dead.reason, events = ids.len(), status = dead.status, error = %dead.error, destination = dead.destination.as_deref().unwrap_or("-"), ids = %sample, "dead-lettered; more of this account, type and reason are summarised every {:?}", super::warnings::INTERVAL);
         }
     }
 }

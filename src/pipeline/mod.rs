@@ -41,7 +41,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin;
 use crate::broker::{BrokerError, Publisher};
-use crate::circuit::Breakers;
 use crate::config::Settings;
 use crate::event::RecordType;
 use crate::metrics::Metrics;
@@ -146,10 +145,13 @@ impl Worker {
         let broker = Arc::new(self.settings.broker.clone());
         let name = format!("courier publish {}", broker.queue_prefix);
         let publisher = Arc::new(Publisher::connect(&broker.urls, &name).await?);
-        let shared = Arc::new(Deliveries {
-            metrics: self.metrics.clone(),
-            circuits: std::sync::Mutex::new(Breakers::default()),
-        });
+        let shared = Arc::new(Deliveries::new(
+            self.metrics.clone(),
+            self.current.subscribe(),
+        ));
+        let summaries_stop = CancellationToken::new();
+        let _stop_summaries = summaries_stop.clone().drop_guard();
+        let summaries = tokio::spawn(log_dead_summaries(shared.clone(), summaries_stop.clone()));
         let mut reconnect = reconnect_backoff();
         let mut first = true;
         loop {
@@ -189,10 +191,15 @@ impl Worker {
             drop(cx);
             self.set_ready(false);
             match ended {
-                Ended::Shutdown => {
-                    session
+                Ended::Shutdown { flushed } => {
+                    let left = session
                         .shut_down(intake.live.settings.shutdown_timeout)
                         .await;
+                    tracing::info!(
+                        batches_flushed = flushed,
+                        events_left = left,
+                        "shutdown: {flushed} open batch(es) flushed; {left} event(s) left unacknowledged for the broker to redeliver"
+                    );
                     break;
                 }
                 Ended::Lost(error) => {
@@ -204,12 +211,28 @@ impl Worker {
         }
         self.metrics.set_broker_connected(false);
         publisher.close().await;
+        summaries_stop.cancel();
+        let _ = summaries.await;
         Ok(())
     }
 
     fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
     }
+}
+
+/// Logs the summaries of dead-letterings as their intervals end, and what is left when
+/// `stop` is cancelled.
+async fn log_dead_summaries(shared: Arc<Deliveries>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(warnings::INTERVAL / 10);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => shared.log_dead_summaries(false),
+        }
+    }
+    shared.log_dead_summaries(true);
 }
 
 fn reconnect_backoff() -> impl Iterator<Item = Duration> {

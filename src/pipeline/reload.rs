@@ -7,8 +7,10 @@ use std::sync::Arc;
 
 use tokio::sync::{Semaphore, watch};
 
+use super::Key;
 use crate::broker;
 use crate::config::{self, Settings};
+use crate::event::RecordType;
 use crate::http::Sender;
 use crate::metrics::Metrics;
 
@@ -56,6 +58,24 @@ impl Live {
     }
 }
 
+/// The destinations of accounts in both `old` and `new` whose URL changed: another
+/// receiver, so their circuits start closed (docs/operations.md, "The circuit breaker").
+/// The whole URL counts, path included: a corrected path is a fix as much as a host.
+pub fn moved_destinations(old: &Settings, new: &Settings) -> Vec<Key> {
+    let mut moved = Vec::new();
+    for (id, account) in &new.accounts {
+        let Some(before) = old.accounts.get(id) else {
+            continue;
+        };
+        for kind in [RecordType::Company, RecordType::Contact] {
+            if account.url(kind) != before.url(kind) {
+                moved.push((account.id.clone(), kind));
+            }
+        }
+    }
+    moved
+}
+
 fn pipelined(settings: &Settings) -> bool {
     let largest = settings
         .accounts
@@ -97,10 +117,16 @@ impl Reloader {
 
 /// Loads the file of `current` again and checks that it can take effect.
 async fn accept(current: &Settings) -> Result<Settings, String> {
-    let new = config::load(&current.source).map_err(|e| e.to_string())?;
-    if let Some(section) = config::restart_only_change(current, &new) {
+    let mut new = config::load(&current.source).map_err(|e| e.to_string())?;
+    if !new.broker.prefetch_set && !current.broker.prefetch_set {
+        // A derived window follows the accounts at start only: the running session
+        // keeps its own (docs/configuration.md, `prefetch`).
+        new.broker.prefetch = current.broker.prefetch;
+    }
+    if let Some(key) = config::restart_only_change(current, &new) {
         return Err(format!(
-            "{section} changed: it needs a restart; the reload was refused"
+            "{}: {key} changed, which needs a restart; the reload was refused",
+            new.source.display()
         ));
     }
     // Build the new HTTP client now, so a reload that cannot take effect is refused.
@@ -112,4 +138,38 @@ async fn accept(current: &Settings) -> Result<Settings, String> {
             .map_err(|e| e.to_string())?;
     }
     Ok(new)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn settings(accounts: &str) -> Settings {
+        let text = format!("[broker]\nurl = \"amqp://127.0.0.1:5672/%2f\"\n{accounts}");
+        config::parse(Path::new("t.toml"), &text, &|_| None).expect("valid")
+    }
+
+    #[test]
+    fn a_changed_url_moves_its_destination_only() {
+        let old = settings(
+            "[[account]]\nid = \"a\"\ncompanies_url = \"https://a.example/x\"\n\
+             [[account]]\nid = \"b\"\ncompanies_url = \"https://b.example/\"\n\
+             contacts_url = \"https://b.example/c\"\n",
+        );
+        let new = settings(
+            "[[account]]\nid = \"a\"\ncompanies_url = \"https://a.example/y\"\n\
+             [[account]]\nid = \"b\"\ncompanies_url = \"https://b.example/\"\n\
+             [[account]]\nid = \"c\"\ncompanies_url = \"https://c.example/\"\n",
+        );
+        let mut moved = moved_destinations(&old, &new);
+        moved.sort();
+        let key = |id: &str, kind| (Arc::<str>::from(id), kind);
+        assert_eq!(
+            moved,
+            vec![key("a", RecordType::Company), key("b", RecordType::Contact)]
+        );
+        assert!(moved_destinations(&new, &new).is_empty());
+    }
 }

@@ -114,8 +114,9 @@ impl Session {
 
     /// Ends the session on shutdown: stops consuming, gives the tasks up to `grace` to
     /// settle, cancels what is left (it returns to the queue), sends the last acks and
-    /// closes the connection.
-    pub async fn shut_down(self, grace: Duration) {
+    /// closes the connection. Returns how many messages were left unacknowledged, for
+    /// the broker to redeliver.
+    pub async fn shut_down(self, grace: Duration) -> usize {
         let brief = Duration::from_secs(5);
         let cancel = self
             .channel
@@ -132,7 +133,9 @@ impl Session {
                 "shutdown timeout passed; unsettled messages return to the queue"
             );
         }
+        let window = self.window.clone();
         self.end(brief).await;
+        window.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Ends a session whose connection was lost: its tasks stop at once.

@@ -6,6 +6,7 @@
 //! A [`Settler`] belongs to one broker session: once that session has ended it settles
 //! nothing, and what it held returns through the broker.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -39,6 +40,15 @@ pub struct Pending {
     pub trail: Trail,
     /// The delivery tag on its channel.
     pub tag: u64,
+}
+
+/// Where the events of a batch went when they left the immediate stage.
+#[derive(Debug, Default)]
+pub struct Scheduled {
+    /// Events confirmed into each retry tier, by the tier's delay.
+    pub tiers: BTreeMap<Duration, usize>,
+    /// Ids of the events confirmed into the dead-letter queue as `retries_exhausted`.
+    pub exhausted: Vec<String>,
 }
 
 /// Why an event goes to the dead-letter queue, with what its headers will say.
@@ -120,7 +130,8 @@ impl Settler {
     }
 
     /// Sends each event to its next scheduled tier, or dead-letters it as
-    /// `retries_exhausted` when its retries are used up.
+    /// `retries_exhausted` when its retries are used up. Returns where they went (those
+    /// whose republish failed went back to the queue and are not counted).
     pub async fn schedule(
         &self,
         items: Vec<Pending>,
@@ -128,8 +139,13 @@ impl Settler {
         destination: &str,
         retry: &RetrySettings,
         (account, kind): (&str, RecordType),
-    ) {
-        join_all(items.into_iter().map(|item| async move {
+    ) -> Scheduled {
+        enum Went {
+            Tier(Duration),
+            Exhausted(String),
+            Back,
+        }
+        let went = join_all(items.into_iter().map(|item| async move {
             let now = SystemTime::now();
             let retries = item.trail.retries.unwrap_or(0).max(0) as usize;
             let first_failure = item.trail.first_failure.unwrap_or(now);
@@ -151,7 +167,10 @@ impl Settler {
                         error: failure.error.clone(),
                         destination: Some(destination.to_owned()),
                     };
-                    self.dead_letter(item, &dead).await;
+                    let id = item.id.clone();
+                    if self.dead_letter(item, &dead).await {
+                        return Went::Exhausted(id);
+                    }
                 }
                 Next::Tier { index, retries } => {
                     let trail = Trail {
@@ -164,15 +183,27 @@ impl Settler {
                     let queue = self.broker.retry_queue(retry.schedule[index]);
                     if self.republish(item, &queue, &trail).await {
                         self.metrics.events_retried(account, kind, "scheduled", 1);
+                        return Went::Tier(retry.schedule[index]);
                     }
                 }
             }
+            Went::Back
         }))
         .await;
+        let mut scheduled = Scheduled::default();
+        for went in went {
+            match went {
+                Went::Tier(delay) => *scheduled.tiers.entry(delay).or_default() += 1,
+                Went::Exhausted(id) => scheduled.exhausted.push(id),
+                Went::Back => {}
+            }
+        }
+        scheduled
     }
 
-    /// Republishes one event to the dead-letter queue, then acks its original.
-    pub async fn dead_letter(&self, item: Pending, dead: &DeadLetter) {
+    /// Republishes one event to the dead-letter queue, then acks its original. Returns
+    /// whether it was dead-lettered (else it went back to the queue).
+    pub async fn dead_letter(&self, item: Pending, dead: &DeadLetter) -> bool {
         let now = SystemTime::now();
         let trail = Trail {
             retries: Some(item.trail.retries.unwrap_or(0)),
@@ -184,13 +215,14 @@ impl Settler {
             dead_at: Some(now),
             destination: dead.destination.clone(),
         };
-        if self
+        let published = self
             .republish(item, &self.broker.dead_queue(), &trail)
-            .await
-        {
+            .await;
+        if published {
             self.metrics
                 .event_dead_lettered(&dead.account, &dead.kind, &dead.reason);
         }
+        published
     }
 
     /// Publishes a copy of `item` to `queue` (confirmed, mandatory) with `trail`, then

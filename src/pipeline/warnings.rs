@@ -1,11 +1,14 @@
 //! Warnings about bad input, summarised: a publisher that sends thousands of invalid
-//! events or events of unknown accounts gets a few log lines, not one per event.
+//! events or events of unknown accounts gets a few log lines, not one per event. The
+//! dead-letterings of deliveries (`retries_exhausted`, `rejected_*`) are summarised the
+//! same way, per account, type and reason ([`DeadLetterLog`]).
 //!
 //! The first warning of a kind is logged at once; later ones within the same interval are
 //! counted, and one line per interval reports how many there were, with a few sample
 //! event ids. Pure bookkeeping: the consumer loop asks for the next deadline and logs
 //! the lines it is given (docs/operations.md, "Logging").
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -141,6 +144,81 @@ impl Warnings {
     }
 }
 
+/// One group of dead letters: account, type, reason.
+pub type Group = (String, String, String);
+
+/// The dead-letterings of deliveries, summarised per [`Group`]: the first of a group in
+/// an interval is logged at once with its cause; the events dead-lettered after it in
+/// the interval are counted and reported by one line at its end.
+#[derive(Debug, Default)]
+pub struct DeadLetterLog {
+    groups: BTreeMap<Group, Gathered>,
+}
+
+/// How many more events of a group were dead-lettered in an interval.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadSummary {
+    pub group: Group,
+    pub count: u64,
+    pub samples: Vec<String>,
+}
+
+impl DeadSummary {
+    /// Logs the summary as a warning.
+    pub fn log(&self) {
+        let (account, kind, reason) = &self.group;
+        tracing::warn!(%account, r#type = %kind, %reason, count = self.count, samples = %self.samples.join(", "), "{} more event(s) dead-lettered in the last {:?}", self.count, INTERVAL);
+    }
+}
+
+impl DeadLetterLog {
+    /// Notes the events `ids` of `group`, dead-lettered; returns whether to log them at
+    /// once (the first of their group in an interval).
+    pub fn note(&mut self, group: Group, ids: &[&str], now: Instant) -> bool {
+        let gathered = self.groups.entry(group).or_default();
+        if gathered.until.is_none() {
+            gathered.until = Some(now + INTERVAL);
+            return true;
+        }
+        gathered.count += ids.len() as u64;
+        let room = SAMPLES.saturating_sub(gathered.samples.len());
+        gathered
+            .samples
+            .extend(ids.iter().take(room).map(|id| (*id).to_owned()));
+        false
+    }
+
+    /// The summaries of every interval that has ended by `now`; a group with nothing
+    /// more to report is forgotten, so its next dead letter is logged at once again.
+    pub fn due(&mut self, now: Instant) -> Vec<DeadSummary> {
+        let mut summaries = Vec::new();
+        self.groups.retain(|group, gathered| {
+            if gathered.until.is_none_or(|until| until > now) {
+                return true;
+            }
+            if gathered.count == 0 {
+                return false;
+            }
+            summaries.push(DeadSummary {
+                group: group.clone(),
+                count: std::mem::take(&mut gathered.count),
+                samples: std::mem::take(&mut gathered.samples),
+            });
+            gathered.until = Some(now + INTERVAL);
+            true
+        });
+        summaries
+    }
+
+    /// Every summary still gathering, whatever its interval (on shutdown).
+    pub fn flush(&mut self) -> Vec<DeadSummary> {
+        let far = Instant::now() + INTERVAL * 1000;
+        let summaries = self.due(far);
+        self.groups.clear();
+        summaries
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,5 +274,34 @@ mod tests {
             w.note(Kind::UnknownAccount, "e", "x", t + 3 * INTERVAL)
                 .is_some()
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dead_letterings_are_summarised_per_group() {
+        let mut log = DeadLetterLog::default();
+        let t = Instant::now();
+        let group = |reason: &str| ("acme".to_owned(), "company".to_owned(), reason.to_owned());
+        assert!(log.note(group("retries_exhausted"), &["a"], t));
+        assert!(
+            log.note(group("rejected_422"), &["b"], t),
+            "groups are apart"
+        );
+        assert!(!log.note(group("retries_exhausted"), &["c", "d", "e", "f"], t));
+        assert!(!log.note(group("retries_exhausted"), &["g"], t));
+        assert!(log.due(t + Duration::from_secs(1)).is_empty(), "too early");
+        let due = log.due(t + INTERVAL);
+        assert_eq!(
+            due,
+            vec![DeadSummary {
+                group: group("retries_exhausted"),
+                count: 5,
+                samples: vec!["c".into(), "d".into(), "e".into()],
+            }]
+        );
+        // The quiet group was forgotten: its next one is logged at once.
+        assert!(log.note(group("rejected_422"), &["h"], t + INTERVAL));
+        assert!(!log.note(group("retries_exhausted"), &["i"], t + INTERVAL));
+        assert_eq!(log.flush().len(), 1, "shutdown reports what is gathered");
+        assert!(log.note(group("retries_exhausted"), &["j"], t + INTERVAL));
     }
 }

@@ -26,6 +26,10 @@ fn check_accepts_a_good_config_and_hides_secrets() {
     let (code, stdout, stderr) = output(
         courier(&["check", "--config", path.to_str().unwrap()]).env("IT_SECRET", "s3cr3t-value"),
     );
+    assert!(
+        !stderr.contains("private-network guard"),
+        "a documentation name: {stderr}"
+    );
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("acme"), "{stdout}");
     assert!(stdout.contains("https://hooks.example.com:443"), "{stdout}");
@@ -71,7 +75,27 @@ fn config_errors_exit_2_naming_the_key() {
         ),
         (format!("{GOOD}colour = \"blue\"\n"), "colour"),
         (
-            format!("{GOOD}standard_webhooks_secret = \"MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n"),
+            format!("{GOOD}flush_interval = 2\n"),
+            "account.flush_interval",
+        ),
+        (
+            format!("{GOOD}[broker]\nprefetch = 5\n"),
+            "the table [broker] appears twice",
+        ),
+        (
+            format!("{GOOD}shutdown_timeout = \"5s\"\n"),
+            "shutdown_timeout is a top-level key",
+        ),
+        (
+            format!(
+                "{GOOD}hmac_secret = \"${{IT_UNSET_1}}\"\nheaders = {{ A = \"${{IT_UNSET_2}}\" }}\n"
+            ),
+            "2 environment variables are not set",
+        ),
+        (
+            format!(
+                "{GOOD}standard_webhooks_secret = \"MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n"
+            ),
             "standard_webhooks_secret",
         ),
         (
@@ -613,6 +637,81 @@ async fn receive_verifies_signatures() {
         "{out}"
     );
     assert!(out.contains("401") && out.contains("sig=bad"), "{out}");
+}
+
+#[tokio::test]
+async fn receive_takes_a_secret_per_path_and_saves_each_request() {
+    let dir = temp_dir().join("saved");
+    let receive = Receive::start(&[
+        "--secret",
+        "S1",
+        "--secret",
+        "/globex/=S2",
+        "--save",
+        dir.to_str().unwrap(),
+    ]);
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let body = br#"{"id":"1"}"#;
+    let post = |path: &str, secret: &[u8]| {
+        client
+            .post(format!("http://{}{path}", receive.addr))
+            .header(
+                "x-goodfit-hmac-sha256",
+                courier::sign::signature(secret, body),
+            )
+            .header("x-courier-delivery-id", "d-1")
+            .body(body.to_vec())
+            .send()
+    };
+    assert_eq!(post("/acme/companies", b"S1").await.unwrap().status(), 200);
+    assert_eq!(
+        post("/globex/companies", b"S2").await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        post("/globex/companies", b"S1").await.unwrap().status(),
+        401
+    );
+    assert_eq!(post("/acme/companies", b"S2").await.unwrap().status(), 401);
+    let out = receive.stop();
+    assert!(
+        out.contains("POST /globex/companies 200") && out.contains("saved=000002"),
+        "{out}"
+    );
+    // Each request's body, byte for byte, and its headers.
+    assert_eq!(std::fs::read(dir.join("000001.body")).unwrap(), body);
+    let headers = std::fs::read_to_string(dir.join("000002.headers")).unwrap();
+    assert!(headers.starts_with("POST /globex/companies\n"), "{headers}");
+    assert!(
+        headers.contains("x-courier-delivery-id: d-1\n"),
+        "{headers}"
+    );
+    assert!(
+        headers.contains(&format!(
+            "x-goodfit-hmac-sha256: {}\n",
+            courier::sign::signature(b"S2", body)
+        )),
+        "{headers}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        8,
+        "4 requests, 2 files each"
+    );
+
+    // Two secrets without a path is a usage error.
+    let (code, _, err) = output(&mut courier(&[
+        "receive",
+        "--listen",
+        "127.0.0.1:0",
+        "--secret",
+        "s3cr3t-a",
+        "--secret",
+        "s3cr3t-b",
+    ]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("more than one secret without a path"), "{err}");
+    assert!(!err.contains("s3cr3t"), "{err}");
 }
 
 #[tokio::test]

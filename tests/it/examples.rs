@@ -14,7 +14,7 @@ const SECRET: &str = "examples-secret";
 fn publish_with(mut cmd: Command, names: &Names, what: &str) -> String {
     let out = cmd
         .env("AMQP_URL", amqp_url())
-        .env("EXCHANGE", &names.exchange)
+        .env("COURIER_EXCHANGE", &names.exchange)
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("{what} runs: {e}"));

@@ -8,6 +8,7 @@ mod failures;
 mod helpers;
 mod hostile;
 mod observe;
+mod operator;
 mod paths;
 mod pipeline;
 mod retries;

@@ -205,6 +205,46 @@ async fn a_full_prefetch_window_flushes_early() {
 }
 
 #[tokio::test]
+async fn an_open_batch_that_holds_the_acks_is_flushed_before_the_window_fills() {
+    // The first message sits alone in the batch of "early" (60 s interval) while 2,000
+    // others flow to ten busy accounts. Until it is settled no `multiple` ack can pass
+    // it, so the window fills with settled messages behind it: the consumer must flush
+    // it then, not wait a minute for its interval.
+    let receiver = Receiver::start().await;
+    let names = Names::new();
+    let broker = Broker::connect(&names, &["30s"]).await;
+    let mut accounts = String::new();
+    for a in [
+        "early", "b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8", "b9",
+    ] {
+        accounts.push_str(&format!(
+            "[[account]]\nid = \"{a}\"\ncompanies_url = \"{}\"\nbatch_size = 200\nflush_interval = \"60s\"\n\n",
+            receiver.url(&format!("/{a}"))
+        ));
+    }
+    let spec = ConfigSpec {
+        broker: "prefetch = 1000".into(),
+        accounts,
+        ..Default::default()
+    };
+    let worker = TestWorker::spawn(settings(&names, &spec)).await;
+    let mut bodies = vec![event("first", "early", "company")];
+    bodies.extend((0..2000).map(|i| event(&format!("e{i}"), &format!("b{}", i % 10), "company")));
+    broker.publish(&bodies).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !receiver.delivered_ids().iter().any(|id| id == "first") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first event was not delivered within 20 s of a 60 s interval"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let labels = [("account", "early"), ("reason", "window")];
+    assert_eq!(worker.metric("courier_batches_flushed_total", &labels), 1.0);
+    worker.shutdown().await;
+}
+
+#[tokio::test]
 async fn signatures_and_custom_headers_arrive_and_contacts_can_be_skipped() {
     let receiver = Receiver::start().await;
     let names = Names::new();

@@ -438,6 +438,23 @@ async fn the_broker_delivery_limit_dead_letters_and_replay_delivers() {
             .any(|l| l.starts_with("delivery_limit") && l.contains("limited")),
         "{stdout}"
     );
+    // `dlq show` gives the broker's x-death summary of such a letter.
+    let (code, stdout, stderr) = output(&mut courier(&[
+        "dlq",
+        "show",
+        "--reason",
+        "delivery_limit",
+        "--config",
+        config,
+    ]));
+    assert_eq!(code, 0, "{stderr}");
+    let deliver = names.deliver();
+    assert!(
+        stdout.contains(&format!(
+            "x-death: reason delivery_limit, queue {deliver}, count 1"
+        )),
+        "{stdout}"
+    );
     receiver.set_delay(Duration::ZERO);
     let (code, stdout, stderr) = output(&mut courier(&[
         "dlq",
@@ -622,5 +639,11 @@ async fn sighup_applies_a_new_batch_size_and_keeps_the_old_config_on_errors() {
     assert_eq!(
         wait_exit(&mut child.0, Duration::from_secs(20)).await,
         Some(0)
+    );
+    // The refused reload named the key that needs a restart.
+    let logged = std::fs::read_to_string(path.with_file_name("courier.log")).unwrap();
+    assert!(
+        logged.contains("broker.prefetch changed, which needs a restart"),
+        "{logged}"
     );
 }
