@@ -93,9 +93,7 @@ fn config_errors_exit_2_naming_the_key() {
             "2 environment variables are not set",
         ),
         (
-            format!(
-                "{GOOD}standard_webhooks_secret = \"MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n"
-            ),
+            format!("{GOOD}standard_webhooks_secret = \"MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n"),
             "standard_webhooks_secret",
         ),
         (
