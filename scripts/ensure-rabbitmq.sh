@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Make a RabbitMQ broker available at 127.0.0.1:5672 for courier's tests and
-# the local pipeline.
+# the local pipeline (and the openssl command, for the TLS tests).
 #
 #   1. something already answers on 127.0.0.1:5672  -> done;
 #   2. rabbitmq-server not installed                  -> install it (root only);
@@ -27,6 +27,13 @@ log() { printf 'ensure-rabbitmq: %s\n' "$*"; }
 die() { printf 'ensure-rabbitmq: error: %s\n' "$*" >&2; exit 1; }
 
 is_root() { [ "$(id -u)" -eq 0 ]; }
+
+# The TLS tests generate their certificates with the openssl command.
+if ! command -v openssl >/dev/null 2>&1; then
+    is_root || die "openssl is not installed; the TLS tests need it (sudo apt-get install openssl)"
+    log "installing openssl (the TLS tests generate their certificates with it)"
+    apt-get install -y -q openssl </dev/null || die "apt-get install openssl failed"
+fi
 
 # True when a TCP connection to HOST:PORT succeeds within 2 seconds.
 port_answers() {

@@ -9,8 +9,10 @@ pub mod topology;
 
 use std::time::Duration;
 
+use futures_util::io::{AsyncReadExt, AsyncWriteExt};
+use lapin::tcp::{AMQPUriTcpExt, OwnedIdentity, OwnedTLSConfig};
+use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::BrokerUrl;
 
@@ -20,6 +22,40 @@ pub use topology::declare;
 /// The oldest RabbitMQ courier runs against (quorum delivery limits, at-least-once
 /// dead-lettering).
 pub const MIN_VERSION: (u32, u32) = (3, 10);
+
+/// A RabbitMQ server version (major, minor), read from its `connection.start`.
+/// Declarations depend on it where the broker's defaults differ (docs/operations.md,
+/// "Supported RabbitMQ versions").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServerVersion {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl ServerVersion {
+    /// Parses a dotted version such as `3.10.8` or `4.1.0-rc.1`; `None` when it does not
+    /// start with a number.
+    pub fn parse(version: &str) -> Option<Self> {
+        let mut parts = version
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|p| !p.is_empty());
+        let major = parts.next()?.parse().ok()?;
+        let minor = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        Some(Self { major, minor })
+    }
+
+    /// RabbitMQ 4.0 and later: quorum queues get a default delivery limit, and a
+    /// negative `x-delivery-limit` means unlimited.
+    pub fn has_default_delivery_limit(self) -> bool {
+        self.major >= 4
+    }
+}
+
+impl std::fmt::Display for ServerVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
 
 /// A broker error.
 #[derive(Debug, thiserror::Error)]
@@ -87,10 +123,19 @@ pub fn reason(error: &lapin::Error) -> String {
 /// Connects to the first node that answers, after checking its version. `name` shows in
 /// `rabbitmqctl list_connections`.
 pub async fn connect(urls: &[BrokerUrl], name: &str) -> Result<Connection, BrokerError> {
+    connect_versioned(urls, name).await.map(|(conn, _)| conn)
+}
+
+/// Connects as [`connect`] does; also returns the server's version (`None` when it does
+/// not say one courier can read).
+pub async fn connect_versioned(
+    urls: &[BrokerUrl],
+    name: &str,
+) -> Result<(Connection, Option<ServerVersion>), BrokerError> {
     let mut last = String::from("no broker URL");
     for url in urls {
         match connect_one(url, name).await {
-            Ok(conn) => return Ok(conn),
+            Ok(connected) => return Ok(connected),
             Err(e) if e.is_fatal() => return Err(e),
             Err(e) => {
                 let why = match e {
@@ -119,8 +164,8 @@ pub async fn connect_declared(
     schedule: &[Duration],
     name: &str,
 ) -> Result<Connection, BrokerError> {
-    let conn = connect(&broker.urls, name).await?;
-    match declare(&conn, broker, schedule).await {
+    let (conn, version) = connect_versioned(&broker.urls, name).await?;
+    match declare(&conn, broker, schedule, version).await {
         Ok(()) => Ok(conn),
         Err(e) => {
             let _ = conn.close(200, "declaration failed".into()).await;
@@ -141,48 +186,83 @@ pub async fn ensure_topology(
     Ok(())
 }
 
-async fn connect_one(url: &BrokerUrl, name: &str) -> Result<Connection, BrokerError> {
-    if let Some(version) = probe_version(url).await? {
-        tracing::debug!(node = %url.display, %version, "broker version");
-    }
+async fn connect_one(
+    url: &BrokerUrl,
+    name: &str,
+) -> Result<(Connection, Option<ServerVersion>), BrokerError> {
+    let unreachable = |last: String| BrokerError::Connect {
+        nodes: url.display.clone(),
+        last,
+    };
+    let uri: AMQPUri = url
+        .expose()
+        .parse()
+        .map_err(|e| unreachable(format!("not a valid AMQP URL: {e}")))?;
+    let tls = tls_config(url);
+    let version = probe_version(url, &uri, &tls).await?;
+    let parsed = ServerVersion::parse(&version);
+    tracing::debug!(node = %url.display, %version, "broker version");
     let props = ConnectionProperties::default().with_connection_name(name.into());
+    let runtime = lapin::runtime::default_runtime().map_err(|e| unreachable(e.to_string()))?;
     let conn = tokio::time::timeout(
         Duration::from_secs(15),
-        Connection::connect(url.expose(), props),
+        Connection::connect_uri_with_config(uri, props, tls, runtime),
     )
     .await
-    .map_err(|_| BrokerError::Connect {
-        nodes: url.display.clone(),
-        last: "timed out".into(),
-    })?
-    .map_err(|e| BrokerError::Connect {
-        nodes: url.display.clone(),
-        last: reason(&e),
-    })?;
-    Ok(conn)
+    .map_err(|_| unreachable("timed out".into()))?
+    .map_err(|e| unreachable(reason(&e)))?;
+    Ok((conn, parsed))
 }
 
-/// Reads the server version from the broker's `connection.start` on a short plain-TCP
-/// probe (lapin does not expose the server properties). `amqps` nodes are not probed.
-async fn probe_version(url: &BrokerUrl) -> Result<Option<String>, BrokerError> {
-    let parsed = url::Url::parse(url.expose()).expect("checked when the config was loaded");
-    if parsed.scheme() != "amqp" {
-        return Ok(None);
+/// The TLS settings of an `amqps` node: the system's trust store, plus `broker.ca_file`
+/// and `broker.client_cert` / `client_key` when set (docs/configuration.md, "TLS").
+fn tls_config(url: &BrokerUrl) -> OwnedTLSConfig {
+    OwnedTLSConfig {
+        cert_chain: url
+            .tls
+            .ca
+            .as_ref()
+            .map(|ca| String::from_utf8_lossy(ca.pem()).into_owned()),
+        identity: url.tls.identity.as_ref().map(|id| OwnedIdentity::PKCS8 {
+            pem: id.cert_pem().to_vec(),
+            key: id.key_pem().to_vec(),
+        }),
     }
-    let host = parsed
-        .host_str()
-        .unwrap_or("127.0.0.1")
-        .trim_matches(['[', ']'])
-        .to_owned();
-    let port = parsed.port().unwrap_or(5672);
+}
+
+/// Reads the server version from the broker's `connection.start` on a short probe
+/// connection, TLS included for `amqps` (lapin does not expose the server properties),
+/// and refuses a version older than [`MIN_VERSION`]. A TLS failure (unknown CA, another
+/// name, a refused client certificate) shows here, with its reason.
+async fn probe_version(
+    url: &BrokerUrl,
+    uri: &AMQPUri,
+    tls: &OwnedTLSConfig,
+) -> Result<String, BrokerError> {
     let unreachable = |e: String| BrokerError::Connect {
         nodes: url.display.clone(),
         last: e,
     };
+    let runtime = lapin::runtime::default_runtime().map_err(|e| unreachable(e.to_string()))?;
     let read = async {
-        let mut stream = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
-        stream.write_all(b"AMQP\x00\x00\x09\x01").await?;
+        let mut stream = uri
+            .connect_with_config_async(tls.as_ref(), &runtime)
+            .await?;
         let mut buf = Vec::with_capacity(1024);
+        if uri.scheme == lapin::uri::AMQPScheme::AMQPS {
+            // With TLS 1.3 a broker that refuses the client certificate says so just
+            // after the handshake; a header written before that alert is read meets a
+            // reset instead, which hides the reason. A broker that accepts says nothing
+            // until the header comes.
+            let mut early = [0u8; 1024];
+            if let Ok(read) =
+                tokio::time::timeout(Duration::from_millis(250), stream.read(&mut early)).await
+            {
+                buf.extend_from_slice(&early[..read?]);
+            }
+        }
+        stream.write_all(b"AMQP\x00\x00\x09\x01").await?;
+        stream.flush().await?;
         loop {
             let mut chunk = [0u8; 1024];
             let n = stream.read(&mut chunk).await?;
@@ -191,6 +271,7 @@ async fn probe_version(url: &BrokerUrl) -> Result<Option<String>, BrokerError> {
             }
             buf.extend_from_slice(&chunk[..n]);
             if let Some(version) = server_version(&buf)? {
+                let _ = stream.close().await;
                 return Ok(version);
             }
         }
@@ -198,14 +279,28 @@ async fn probe_version(url: &BrokerUrl) -> Result<Option<String>, BrokerError> {
     let version = tokio::time::timeout(Duration::from_secs(10), read)
         .await
         .map_err(|_| unreachable("timed out reading the server greeting".into()))?
-        .map_err(|e| unreachable(e.to_string()))?;
+        .map_err(|e| unreachable(tls_reason(&e)))?;
     if !version_at_least(&version, MIN_VERSION) {
         return Err(BrokerError::TooOld {
             node: url.display.clone(),
             version,
         });
     }
-    Ok(Some(version))
+    Ok(version)
+}
+
+/// An I/O error's text with its innermost cause (rustls puts the reason there).
+fn tls_reason(error: &std::io::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause: &dyn std::error::Error = error;
+    while let Some(source) = cause.source() {
+        let inner = source.to_string();
+        if !text.contains(&inner) {
+            text = format!("{text}: {inner}");
+        }
+        cause = source;
+    }
+    text
 }
 
 /// The `version` server property of a complete `connection.start` frame in `buf`;
@@ -241,18 +336,7 @@ fn server_version(buf: &[u8]) -> std::io::Result<Option<String>> {
 /// Compares a dotted version with `(major, minor)`; an unparsable version passes
 /// (the topology declaration then fails loudly on a broker that lacks a feature).
 fn version_at_least(version: &str, min: (u32, u32)) -> bool {
-    let mut parts = version
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|p| !p.is_empty());
-    let major = parts.next().and_then(|p| p.parse::<u32>().ok());
-    let minor = parts
-        .next()
-        .and_then(|p| p.parse::<u32>().ok())
-        .unwrap_or(0);
-    match major {
-        Some(major) => (major, minor) >= min,
-        None => true,
-    }
+    ServerVersion::parse(version).is_none_or(|v| (v.major, v.minor) >= min)
 }
 
 #[cfg(test)]
@@ -267,5 +351,24 @@ mod tests {
         assert!(!version_at_least("3.9.29", MIN_VERSION));
         assert!(!version_at_least("3.8", MIN_VERSION));
         assert!(version_at_least("unknown", MIN_VERSION));
+    }
+
+    #[test]
+    fn versions_parse_with_suffixes() {
+        let v = |major, minor| Some(ServerVersion { major, minor });
+        assert_eq!(ServerVersion::parse("3.10.8"), v(3, 10));
+        assert_eq!(ServerVersion::parse("4.1.0-rc.1"), v(4, 1));
+        assert_eq!(ServerVersion::parse("4"), v(4, 0));
+        assert_eq!(ServerVersion::parse("unknown"), None);
+        assert!(
+            !ServerVersion::parse("3.13.7")
+                .unwrap()
+                .has_default_delivery_limit()
+        );
+        assert!(
+            ServerVersion::parse("4.0.0")
+                .unwrap()
+                .has_default_delivery_limit()
+        );
     }
 }

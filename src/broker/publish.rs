@@ -65,15 +65,27 @@ pub struct Publisher {
 impl Publisher {
     /// Opens the publishing connection now, so a broken broker shows at start-up.
     pub async fn connect(urls: &[BrokerUrl], name: &str) -> Result<Self, BrokerError> {
-        let publisher = Self {
+        let publisher = Self::lazy(urls, name);
+        publisher.link(None).await?;
+        Ok(publisher)
+    }
+
+    /// A publisher that connects at its first publish (the worker, which may start
+    /// before the broker does).
+    pub fn lazy(urls: &[BrokerUrl], name: &str) -> Self {
+        Self {
             urls: urls.to_vec(),
             name: name.to_owned(),
             link: Mutex::new(None),
             reconnecting: tokio::sync::Mutex::new(None),
             attempts: AtomicU64::new(0),
-        };
-        publisher.link(None).await?;
-        Ok(publisher)
+        }
+    }
+
+    /// Opens the publishing connection if it is not open yet; a failure is left to the
+    /// next publish, which tries again.
+    pub async fn warm(&self) -> Result<(), BrokerError> {
+        self.link(None).await.map(|_| ())
     }
 
     fn current(&self) -> Option<Arc<Link>> {

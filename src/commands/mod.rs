@@ -75,10 +75,11 @@ pub fn check_summary(settings: &Settings) -> String {
 /// `courier setup`: declares the topology and lists what was declared.
 pub async fn setup(settings: &Settings) -> Result<String, BrokerError> {
     broker::ensure_topology(&settings.broker, &settings.retry.schedule, "courier-setup").await?;
-    let names: Vec<String> = broker::topology::queues(&settings.broker, &settings.retry.schedule)
-        .into_iter()
-        .map(|q| q.name)
-        .collect();
+    let names: Vec<String> =
+        broker::topology::queues(&settings.broker, &settings.retry.schedule, None)
+            .into_iter()
+            .map(|q| q.name)
+            .collect();
     Ok(format!(
         "declared exchange {} and queues {}\n",
         settings.broker.exchange,

@@ -9,7 +9,7 @@ use secrecy::{SecretSlice, SecretString};
 
 use super::raw::{self, OneOrMany, RawAccount};
 use super::validate::Validator;
-use super::{Account, ConfigError, HOLD_CAP, MAX_BATCH_SIZE, headers};
+use super::{Account, ConfigError, HOLD_CAP, MAX_BATCH_SIZE, headers, tls};
 
 /// An account's id for error messages, or its position (`#2`) when the id is missing or
 /// not a valid id: an error never shows what was written instead of an id.
@@ -60,7 +60,6 @@ pub(super) fn accounts(
 /// One account, named `label` in errors.
 fn account(v: &Validator, raw: RawAccount, label: &str) -> Result<Account, ConfigError> {
     let account = Some(label);
-    refuse_unsupported(v, &raw, label)?;
     let id = raw
         .id
         .ok_or_else(|| v.err("account.id", account, "is required"))?;
@@ -96,6 +95,13 @@ fn account(v: &Validator, raw: RawAccount, label: &str) -> Result<Account, Confi
     let signature_header = headers::signature_header(v, label, &raw.signature_header)?;
     let standard_webhooks_keys = standard_webhooks_keys(v, label, raw.standard_webhooks_secret)?;
     let headers = headers::account_headers(v, label, raw.headers, &signature_header)?;
+    let client_identity = tls::client_identity(
+        v,
+        "account",
+        account,
+        raw.client_cert.as_deref(),
+        raw.client_key.as_deref(),
+    )?;
     Ok(Account {
         id: id.into(),
         companies_url,
@@ -106,6 +112,7 @@ fn account(v: &Validator, raw: RawAccount, label: &str) -> Result<Account, Confi
         signature_header,
         standard_webhooks_keys,
         headers,
+        client_identity,
     })
 }
 
@@ -161,19 +168,6 @@ fn standard_webhooks_keys(
         keys.push(SecretSlice::from(bytes));
     }
     Ok(keys)
-}
-
-/// Keys of later releases, refused rather than ignored (docs/configuration.md, "Not
-/// supported in this release").
-fn refuse_unsupported(v: &Validator, raw: &RawAccount, label: &str) -> Result<(), ConfigError> {
-    let unsupported = [
-        ("account.client_cert", raw.client_cert.is_some()),
-        ("account.client_key", raw.client_key.is_some()),
-    ];
-    match unsupported.into_iter().find(|(_, set)| *set) {
-        Some((key, _)) => Err(v.err(key, Some(label), "is not supported yet")),
-        None => Ok(()),
-    }
 }
 
 #[cfg(test)]

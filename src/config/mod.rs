@@ -14,6 +14,7 @@
 //!                integers, secrets, the COURIER_AMQP_URL / COURIER_ADMIN_LISTEN overrides
 //!     account.rs one `[[account]]` → Account
 //!     headers.rs the request headers courier sets, which an account may not set
+//!     tls.rs     CA and client-certificate files, read and checked
 //!   error.rs     ConfigError: the file, the key, the account, never a secret value
 //! ```
 //!
@@ -26,6 +27,7 @@ mod error;
 mod headers;
 mod raw;
 mod shape;
+mod tls;
 mod validate;
 
 use std::collections::HashMap;
@@ -44,6 +46,7 @@ use crate::event::RecordType;
 
 pub use error::ConfigError;
 pub use headers::{COURIER_HEADER_PREFIX, COURIER_REQUEST_HEADERS, is_courier_header};
+pub use tls::{CaFile, ClientIdentity};
 
 /// The longest `flush_interval`, `delivery.timeout` or `retry.max_interval` accepted.
 pub const HOLD_CAP: Duration = Duration::from_secs(300);
@@ -192,6 +195,16 @@ pub struct BrokerSettings {
     pub shards: u16,
     pub max_event_bytes: usize,
     pub delivery_limit: u32,
+    /// TLS to `amqps` nodes; every URL of `urls` carries it too.
+    pub tls: BrokerTls,
+}
+
+/// TLS to `amqps` nodes besides the system's trust store: `broker.ca_file`,
+/// `broker.client_cert` and `broker.client_key`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BrokerTls {
+    pub ca: Option<CaFile>,
+    pub identity: Option<ClientIdentity>,
 }
 
 impl BrokerSettings {
@@ -217,6 +230,8 @@ pub struct BrokerUrl {
     secret: SecretString,
     /// `scheme://host:port/vhost`, without user-info.
     pub display: String,
+    /// TLS settings for an `amqps` URL (`[broker]`'s, the same for every node).
+    pub tls: BrokerTls,
 }
 
 impl BrokerUrl {
@@ -238,6 +253,7 @@ impl BrokerUrl {
         Ok(Self {
             secret: SecretString::from(raw.to_owned()),
             display,
+            tls: BrokerTls::default(),
         })
     }
 
@@ -247,10 +263,11 @@ impl BrokerUrl {
     }
 }
 
-/// Two addresses are equal when their full URLs are: a new password is a change.
+/// Two addresses are equal when their full URLs and TLS settings are: a new password
+/// is a change.
 impl PartialEq for BrokerUrl {
     fn eq(&self, other: &Self) -> bool {
-        self.expose() == other.expose()
+        self.expose() == other.expose() && self.tls == other.tls
     }
 }
 
@@ -270,6 +287,8 @@ pub struct DeliverySettings {
     pub max_inflight_per_destination: usize,
     pub max_body_bytes: usize,
     pub allow_private_networks: bool,
+    /// CA certificates trusted for receivers besides the system's (`ca_file`).
+    pub ca: Option<CaFile>,
 }
 
 /// `[retry]`. Reloadable.
@@ -328,6 +347,8 @@ pub struct Account {
     pub standard_webhooks_keys: Vec<SecretSlice<u8>>,
     /// The account's own headers; values are marked sensitive so they never print.
     pub headers: HeaderMap,
+    /// The client certificate presented to receivers that demand mTLS.
+    pub client_identity: Option<ClientIdentity>,
 }
 
 impl fmt::Debug for Account {
@@ -343,6 +364,7 @@ impl fmt::Debug for Account {
             .field("signature_header", &self.signature_header)
             .field("standard_webhooks_keys", &self.standard_webhooks_keys.len())
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("client_cert", &self.client_identity.is_some())
             .finish()
     }
 }

@@ -196,6 +196,12 @@ pub(super) struct RawBroker {
     pub max_event_bytes: i64,
     #[serde(default = "default_delivery_limit")]
     pub delivery_limit: i64,
+    /// Extra trusted CA certificates for `amqps` nodes (PEM file).
+    pub ca_file: Option<String>,
+    /// Client certificate chain for `amqps` nodes (PEM file).
+    pub client_cert: Option<String>,
+    /// Its private key (PEM file).
+    pub client_key: Option<String>,
 }
 
 fn default_exchange() -> String {
@@ -234,7 +240,7 @@ pub(super) struct RawDelivery {
     pub ordering: String,
     #[serde(default = "default_allow_private_networks")]
     pub allow_private_networks: bool,
-    /// Not supported yet: refused when set.
+    /// Extra trusted CA certificates for receivers (PEM file).
     pub ca_file: Option<String>,
 }
 
@@ -376,9 +382,9 @@ pub(super) struct RawAccount {
     pub headers: HashMap<String, String>,
     /// Omitted: no Standard Webhooks signature. Several: one signature per key.
     pub standard_webhooks_secret: Option<OneOrMany>,
-    /// Not supported yet: refused when set.
+    /// Client certificate chain for receivers that demand mTLS (PEM file).
     pub client_cert: Option<String>,
-    /// Not supported yet: refused when set.
+    /// Its private key (PEM file).
     pub client_key: Option<String>,
 }
 

@@ -13,8 +13,8 @@ use super::raw::{
     OneOrMany, RawAdmin, RawBroker, RawCircuit, RawConfig, RawDelivery, RawLog, RawRetry,
 };
 use super::{
-    AdminSettings, BrokerSettings, BrokerUrl, CircuitSettings, ConfigError, DeliverySettings,
-    HOLD_CAP, LogSettings, RetrySettings, Settings, account,
+    AdminSettings, BrokerSettings, BrokerTls, BrokerUrl, CircuitSettings, ConfigError,
+    DeliverySettings, HOLD_CAP, LogSettings, RetrySettings, Settings, account, tls,
 };
 
 /// Turns the raw file into settings; the first error found is returned.
@@ -64,9 +64,23 @@ fn broker(
     if raw_urls.is_empty() {
         return Err(v.err("broker.url", None, "lists no broker"));
     }
+    let tls = BrokerTls {
+        ca: tls::ca_file(v, "broker.ca_file", raw.ca_file.as_deref())?,
+        identity: tls::client_identity(
+            v,
+            "broker",
+            None,
+            raw.client_cert.as_deref(),
+            raw.client_key.as_deref(),
+        )?,
+    };
     let urls = raw_urls
         .iter()
-        .map(|u| BrokerUrl::parse(u).map_err(|m| v.err("broker.url", None, m)))
+        .map(|u| {
+            let mut url = BrokerUrl::parse(u).map_err(|m| v.err("broker.url", None, m))?;
+            url.tls = tls.clone();
+            Ok(url)
+        })
         .collect::<Result<Vec<_>, _>>()?;
     if raw.exchange.is_empty() {
         return Err(v.err("broker.exchange", None, "may not be empty"));
@@ -96,6 +110,7 @@ fn broker(
             raw.delivery_limit,
             1..=1_000_000,
         )?,
+        tls,
     })
 }
 
@@ -121,9 +136,7 @@ fn delivery(
             ));
         }
     }
-    if raw.ca_file.is_some() {
-        return Err(v.err("delivery.ca_file", None, "is not supported yet"));
-    }
+    let ca = tls::ca_file(v, "delivery.ca_file", raw.ca_file.as_deref())?;
     let max_body_bytes = v.int(
         "delivery.max_body_bytes",
         None,
@@ -155,6 +168,7 @@ fn delivery(
         )?,
         max_body_bytes,
         allow_private_networks: raw.allow_private_networks,
+        ca,
     })
 }
 

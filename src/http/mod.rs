@@ -4,6 +4,8 @@
 
 pub mod guard;
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -12,7 +14,7 @@ use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER, USER_AGENT};
 use secrecy::ExposeSecret;
 use url::Url;
 
-use crate::config::{Account, DeliverySettings};
+use crate::config::{Account, ClientIdentity, DeliverySettings};
 
 /// What one request came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,10 +104,14 @@ pub struct Request<'a> {
     pub event_count: usize,
 }
 
-/// The shared, pooled HTTP client: rustls, no redirects, no proxy from the environment.
+/// The shared, pooled HTTP clients: rustls, no redirects, no proxy from the environment.
+/// One client per distinct client certificate of the accounts, all built alike (the
+/// private-network guard, timeouts, pool sizes, `delivery.ca_file`).
 #[derive(Clone)]
 pub struct Sender {
     client: reqwest::Client,
+    /// The clients of accounts with `client_cert`, by identity.
+    identities: Arc<HashMap<ClientIdentity, reqwest::Client>>,
     allow_private_networks: bool,
 }
 
@@ -125,8 +131,31 @@ pub const WEBHOOK_SIGNATURE_HEADER: &str = "webhook-signature";
 static AGENT: &str = concat!("courier/", env!("CARGO_PKG_VERSION"));
 
 impl Sender {
-    /// Builds the client for these settings.
-    pub fn new(settings: &DeliverySettings) -> Result<Self, reqwest::Error> {
+    /// Builds the clients for these settings and the client certificates of `accounts`.
+    pub fn new<'a>(
+        settings: &DeliverySettings,
+        accounts: impl IntoIterator<Item = &'a Account>,
+    ) -> Result<Self, reqwest::Error> {
+        let mut identities = HashMap::new();
+        for identity in accounts
+            .into_iter()
+            .filter_map(|a| a.client_identity.as_ref())
+        {
+            if !identities.contains_key(identity) {
+                let client = Self::builder(settings)
+                    .identity(identity.reqwest())
+                    .build()?;
+                identities.insert(identity.clone(), client);
+            }
+        }
+        Ok(Self {
+            client: Self::builder(settings).build()?,
+            identities: Arc::new(identities),
+            allow_private_networks: settings.allow_private_networks,
+        })
+    }
+
+    fn builder(settings: &DeliverySettings) -> reqwest::ClientBuilder {
         let mut builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
@@ -138,12 +167,21 @@ impl Sender {
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true);
         if !settings.allow_private_networks {
-            builder = builder.dns_resolver(std::sync::Arc::new(guard::GuardedResolver));
+            builder = builder.dns_resolver(Arc::new(guard::GuardedResolver));
         }
-        Ok(Self {
-            client: builder.build()?,
-            allow_private_networks: settings.allow_private_networks,
-        })
+        if let Some(ca) = &settings.ca {
+            builder = builder.tls_certs_merge(ca.certificates());
+        }
+        builder
+    }
+
+    /// The client for `account`: its own when it has a client certificate.
+    fn client_for(&self, account: &Account) -> &reqwest::Client {
+        account
+            .client_identity
+            .as_ref()
+            .and_then(|identity| self.identities.get(identity))
+            .unwrap_or(&self.client)
     }
 
     /// Sends one request and classifies what came back.
@@ -158,7 +196,7 @@ impl Sender {
             };
         }
         let mut builder = self
-            .client
+            .client_for(req.account)
             .post(req.url.clone())
             .headers(req.account.headers.clone())
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))

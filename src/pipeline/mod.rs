@@ -131,8 +131,10 @@ impl Worker {
         result
     }
 
-    /// Opens sessions one after the other until shutdown: the first failure to connect
-    /// is an error, later ones are retried with backoff.
+    /// Opens sessions one after the other until shutdown. A broker that does not answer,
+    /// at start or later, is retried with backoff (`/readyz` is 503 meanwhile); only
+    /// errors that waiting cannot mend (a broker too old, a queue declared with other
+    /// arguments) end the worker.
     async fn supervise(self, shutdown: CancellationToken) -> Result<(), RunError> {
         let mut reloads = self.current.subscribe();
         let live = Live::new(reloads.borrow_and_update().clone())?;
@@ -144,7 +146,9 @@ impl Worker {
         };
         let broker = Arc::new(self.settings.broker.clone());
         let name = format!("courier publish {}", broker.queue_prefix);
-        let publisher = Arc::new(Publisher::connect(&broker.urls, &name).await?);
+        // Connects at its first publish, after the first session: the broker may be
+        // absent at start.
+        let publisher = Arc::new(Publisher::lazy(&broker.urls, &name));
         let shared = Arc::new(Deliveries::new(
             self.metrics.clone(),
             self.current.subscribe(),
@@ -156,11 +160,15 @@ impl Worker {
         let mut first = true;
         loop {
             let settings = intake.live.settings.clone();
-            let mut session = match Session::open(&settings).await {
+            let opened = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                opened = Session::open(&settings) => opened,
+            };
+            let mut session = match opened {
                 Ok(session) => session,
-                Err(e) if first || e.is_fatal() => return Err(e.into()),
+                Err(e) if e.is_fatal() => return Err(e.into()),
                 Err(e) => {
-                    let delay = reconnect.next().unwrap_or(Duration::from_secs(30));
+                    let delay = reconnect.next().unwrap_or(Duration::from_secs(10));
                     tracing::warn!(error = %e, retry_in = ?delay, "broker unavailable");
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
@@ -168,7 +176,12 @@ impl Worker {
                     }
                 }
             };
-            if !first {
+            if first {
+                // Ready to republish before the first delivery needs it.
+                if let Err(e) = publisher.warm().await {
+                    tracing::warn!(error = %e, "publish connection not open yet; the first republish retries");
+                }
+            } else {
                 self.metrics.broker_reconnected();
             }
             first = false;
@@ -235,10 +248,12 @@ async fn log_dead_summaries(shared: Arc<Deliveries>, stop: CancellationToken) {
     shared.log_dead_summaries(true);
 }
 
+/// Reconnect delays: 0.5 s doubling to 10 s, with jitter, for as long as it takes. The
+/// cap bounds how long a worker stays idle after its broker is back.
 fn reconnect_backoff() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(500))
-        .with_max_delay(Duration::from_secs(30))
+        .with_max_delay(Duration::from_secs(10))
         .with_jitter()
         .without_max_times()
         .build()

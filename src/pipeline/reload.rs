@@ -29,7 +29,7 @@ pub struct Live {
 impl Live {
     /// The clients for `settings`.
     pub fn new(settings: Arc<Settings>) -> Result<Self, reqwest::Error> {
-        let sender = Sender::new(&settings.delivery)?;
+        let sender = Sender::new(&settings.delivery, settings.accounts.values().map(|a| &**a))?;
         let requests = Arc::new(Semaphore::new(settings.delivery.max_concurrency));
         Ok(Self {
             pipelined: pipelined(&settings),
@@ -39,11 +39,14 @@ impl Live {
         })
     }
 
-    /// What batches formed after a reload use. An unchanged `[delivery]` keeps the HTTP
-    /// client (its pool) and the request limit. The second value says whether the
-    /// per-destination request limits must be built again.
+    /// What batches formed after a reload use. An unchanged `[delivery]`, with the same
+    /// client certificates, keeps the HTTP clients (their pools) and the request limit.
+    /// The second value says whether the per-destination request limits must be built
+    /// again.
     pub fn reloaded(&self, settings: Arc<Settings>) -> Result<(Self, bool), reqwest::Error> {
-        if settings.delivery == self.settings.delivery {
+        if settings.delivery == self.settings.delivery
+            && identities(&settings) == identities(&self.settings)
+        {
             let live = Self {
                 pipelined: pipelined(&settings),
                 settings,
@@ -56,6 +59,15 @@ impl Live {
             != self.settings.delivery.max_inflight_per_destination;
         Ok((Self::new(settings)?, reset))
     }
+}
+
+/// The distinct client certificates of the accounts.
+fn identities(settings: &Settings) -> std::collections::HashSet<&crate::config::ClientIdentity> {
+    settings
+        .accounts
+        .values()
+        .filter_map(|a| a.client_identity.as_ref())
+        .collect()
 }
 
 /// The destinations of accounts in both `old` and `new` whose URL changed: another
@@ -130,7 +142,8 @@ async fn accept(current: &Settings) -> Result<Settings, String> {
         ));
     }
     // Build the new HTTP client now, so a reload that cannot take effect is refused.
-    Sender::new(&new.delivery).map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+    Sender::new(&new.delivery, new.accounts.values().map(|a| &**a))
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
     if new.retry.schedule != current.retry.schedule {
         // New tiers need their queues before anything is published to them.
         broker::ensure_topology(&new.broker, &new.retry.schedule, "courier reload")

@@ -4,7 +4,6 @@
 //! publishers").
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::time::Duration;
 
 use courier::broker::{PublishError, Publisher};
@@ -37,15 +36,6 @@ fn requested(receiver: &Receiver) -> HashSet<String> {
     receiver.requests().iter().flat_map(Recorded::ids).collect()
 }
 
-/// The test's configuration with `node` as the only broker, and its admin port.
-fn on_node(names: &Names, spec: &ConfigSpec, node: &PrivateNode) -> (Settings, u16) {
-    let (text, admin) = config_with_admin(names, spec);
-    let text = text.replace(&amqp_url(), &node.url());
-    let settings = courier::config::parse(Path::new("test.toml"), &text, &|_| None)
-        .unwrap_or_else(|e| panic!("test config invalid: {e}\n{text}"));
-    (settings, admin)
-}
-
 /// Dead letters as (event id, reason).
 async fn dead_letters(settings: &Settings) -> Vec<(String, String)> {
     let listing = courier::commands::dlq::list(settings, usize::MAX)
@@ -74,7 +64,7 @@ async fn a_memory_alarm_holds_republishes_without_loss_or_delivery_limit() {
         accounts: account(&receiver.url("/hook")),
         ..Default::default()
     };
-    let (settings, admin) = on_node(&names, &spec, &node);
+    let (settings, admin) = node.settings(&names, &spec);
     let worker = TestWorker::spawn(settings.clone()).await;
     let published = bodies("m", 200);
     let input = published.join(&b'\n');
@@ -211,7 +201,7 @@ async fn a_publish_to_a_blocked_broker_ends_by_its_deadline_and_reconnects_once(
         accounts: account("http://127.0.0.1:9/hook"),
         ..Default::default()
     };
-    let (settings, _) = on_node(&names, &spec, &node);
+    let (settings, _) = node.settings(&names, &spec);
     courier::broker::ensure_topology(&settings.broker, &settings.retry.schedule, "test setup")
         .await
         .expect("declaring the topology");

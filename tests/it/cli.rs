@@ -5,9 +5,6 @@ use std::collections::HashSet;
 use std::process::Stdio;
 use std::time::Duration;
 
-use lapin::options::QueueDeclareOptions;
-use lapin::types::{AMQPValue, FieldTable};
-
 use crate::helpers::*;
 
 const GOOD: &str = r#"
@@ -98,7 +95,13 @@ fn config_errors_exit_2_naming_the_key() {
         ),
         (
             format!("{GOOD}client_cert = \"/etc/courier/a.crt\"\n"),
-            "client_cert",
+            "account.client_key",
+        ),
+        (
+            format!(
+                "{GOOD}client_cert = \"/nonexistent/a.crt\"\nclient_key = \"/nonexistent/a.key\"\n"
+            ),
+            "account.client_cert",
         ),
         (
             GOOD.replace(
@@ -134,7 +137,10 @@ fn config_errors_exit_2_naming_the_key() {
             "stderr does not name the file: {stderr}"
         );
     }
-    let unsupported = write_config(&format!("{GOOD}client_key = \"/k\"\n"));
+    let unsupported = write_config(&GOOD.replace(
+        "[broker]",
+        "[delivery]\nordering = \"per_record\"\n[broker]",
+    ));
     let (_, _, stderr) = output(&mut courier(&[
         "check",
         "--config",
@@ -261,7 +267,6 @@ async fn reloads_refused(admin: u16) -> f64 {
 async fn an_existing_queue_with_other_arguments_exits_1_naming_it() {
     let names = Names::new();
     let broker = Broker::connect(&names, &["30s"]).await;
-    let channel = broker.conn.create_channel().await.unwrap();
     // Everything as courier declares it, but another delivery limit.
     let settings = settings(
         &names,
@@ -270,24 +275,11 @@ async fn an_existing_queue_with_other_arguments_exits_1_naming_it() {
             ..Default::default()
         },
     );
-    let spec = courier::broker::topology::queues(&settings.broker, &settings.retry.schedule)
+    let spec = courier::broker::topology::queues(&settings.broker, &settings.retry.schedule, None)
         .into_iter()
         .find(|q| q.name == names.deliver())
         .unwrap();
-    let mut args: std::collections::BTreeMap<_, _> = spec.arguments.inner().clone();
-    args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(99));
-    let args = FieldTable::from(args);
-    channel
-        .queue_declare(
-            names.deliver().as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            args,
-        )
-        .await
-        .unwrap();
+    broker.declare_with_limit(&spec, 99).await;
     let path = write_config(&config_text(
         &names,
         &ConfigSpec {

@@ -1,6 +1,7 @@
 //! Integration tests against a real RabbitMQ and real receivers on loopback.
 
 mod alarm;
+mod broker_tls;
 mod cli;
 mod deploy;
 mod examples;
@@ -11,5 +12,9 @@ mod observe;
 mod operator;
 mod paths;
 mod pipeline;
+mod receivers;
+mod restarts;
 mod retries;
 mod standard_webhooks;
+mod tls;
+mod versions;

@@ -46,6 +46,30 @@ impl Broker {
         }
     }
 
+    /// Declares `queue` (durable) as courier would, but with `limit` as its
+    /// `x-delivery-limit`: a queue that exists with other arguments.
+    pub async fn declare_with_limit(
+        &self,
+        queue: &courier::broker::topology::QueueSpec,
+        limit: i64,
+    ) {
+        let mut args = queue.arguments.clone();
+        args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(limit));
+        let channel = self.conn.create_channel().await.unwrap();
+        channel
+            .queue_declare(
+                queue.name.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await
+            .unwrap();
+        let _ = channel.close(200, "declared".into()).await;
+    }
+
     /// Publishes bodies to the test exchange with routing key `<account>.<type>`, confirmed.
     pub async fn publish(&self, bodies: &[Vec<u8>]) {
         self.publish_with(bodies, BasicProperties::default().with_delivery_mode(2))
@@ -126,6 +150,19 @@ impl Broker {
                 "publish not confirmed"
             );
         }
+    }
+
+    /// Takes every message of `queue` (acking them): event id and
+    /// `x-courier-last-error` ("" when absent).
+    pub async fn drain_last_errors(&self, queue: &str) -> Vec<(String, String)> {
+        self.drain(queue)
+            .await
+            .into_iter()
+            .map(|(body, headers)| {
+                let error = header_str(&headers, "x-courier-last-error").unwrap_or_default();
+                (super::event_id(&body), error)
+            })
+            .collect()
     }
 
     /// Takes every message of `queue` (acking them): body and headers.

@@ -3,6 +3,7 @@
 //! One file per fixture.
 
 mod broker;
+mod certs;
 mod config;
 mod node;
 mod process;
@@ -15,6 +16,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 pub use broker::*;
+pub use certs::*;
 pub use config::*;
 pub use node::*;
 pub use process::*;

@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use super::{eventually_async, free_port, suffix};
+use courier::config::Settings;
+
+use super::{
+    ConfigSpec, Names, TestCerts, amqp_url, config_with_admin, eventually_async, free_port, suffix,
+};
 
 /// A RabbitMQ node of the test's own, on ports no other test uses; stopped and removed
 /// when dropped, even when the test panics.
@@ -14,61 +18,112 @@ pub struct PrivateNode {
     /// The Erlang node name, for `rabbitmqctl -n`.
     pub name: String,
     pub port: u16,
+    /// The TLS listener's port (`prepare_tls`), on 127.0.0.1 and 127.0.0.2.
+    pub tls_port: Option<u16>,
+    dist: u16,
     dir: PathBuf,
 }
 
 impl PrivateNode {
     /// Starts the node and waits until it accepts connections (a few seconds).
     pub async fn start() -> Self {
+        let node = Self::prepare();
+        node.boot().await;
+        node
+    }
+
+    /// A node with its directory, name and ports, not started yet (`boot` starts it):
+    /// for a worker that starts before its broker.
+    pub fn prepare() -> Self {
+        Self::prepare_with(None)
+    }
+
+    /// A node as `prepare` makes it, with a TLS listener too: its certificate is
+    /// `certs`' `server` (127.0.0.1 and localhost), and a client must present a
+    /// certificate signed by their CA.
+    pub fn prepare_tls(certs: &TestCerts) -> Self {
+        Self::prepare_with(Some(certs))
+    }
+
+    fn prepare_with(certs: Option<&TestCerts>) -> Self {
         let dir = std::env::temp_dir().join(format!("courier-node-{}", suffix()));
         for sub in ["mnesia", "log"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
         let (port, dist) = (free_port(), free_port());
         std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
-        std::fs::write(
-            dir.join("rabbitmq.conf"),
-            format!("listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n"),
-        )
-        .unwrap();
-        // The server script runs as the rabbitmq user.
-        let owned = Command::new("chown")
-            .args(["-R", "rabbitmq:rabbitmq"])
-            .arg(&dir)
-            .status()
-            .expect("chown");
-        assert!(owned.success(), "cannot hand {dir:?} to the rabbitmq user");
+        let mut conf = format!("listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n");
+        let tls_port = certs.map(|certs| {
+            let tls_port = free_port();
+            // The server script runs as the rabbitmq user: it reads copies in `dir`.
+            for file in ["ca.pem", "server.pem", "server.key"] {
+                std::fs::copy(certs.path(file), dir.join(file)).unwrap();
+            }
+            let file = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+            conf.push_str(&format!(
+                "listeners.ssl.1 = 127.0.0.1:{tls_port}\n\
+                 listeners.ssl.2 = 127.0.0.2:{tls_port}\n\
+                 ssl_options.cacertfile = {}\n\
+                 ssl_options.certfile = {}\n\
+                 ssl_options.keyfile = {}\n\
+                 ssl_options.verify = verify_peer\n\
+                 ssl_options.fail_if_no_peer_cert = true\n",
+                file("ca.pem"),
+                file("server.pem"),
+                file("server.key"),
+            ));
+            tls_port
+        });
+        std::fs::write(dir.join("rabbitmq.conf"), conf).unwrap();
         let node = Self {
             name: format!("courier-it-{}@localhost", suffix()),
             port,
+            tls_port,
+            dist,
             dir,
         };
+        node.stop_when_the_test_process_ends();
+        node
+    }
+
+    /// Starts the prepared (or stopped) node, with the messages of its durable queues,
+    /// and waits until it accepts connections.
+    pub async fn boot(&self) {
+        // The server script runs as the rabbitmq user.
+        let owned = Command::new("chown")
+            .args(["-R", "rabbitmq:rabbitmq"])
+            .arg(&self.dir)
+            .status()
+            .expect("chown");
+        assert!(
+            owned.success(),
+            "cannot hand {:?} to the rabbitmq user",
+            self.dir
+        );
         let started = tokio::process::Command::new("rabbitmq-server")
             .arg("-detached")
-            .env("RABBITMQ_NODENAME", &node.name)
-            .env("RABBITMQ_NODE_PORT", port.to_string())
-            .env("RABBITMQ_DIST_PORT", dist.to_string())
-            .env("RABBITMQ_MNESIA_BASE", node.dir.join("mnesia"))
-            .env("RABBITMQ_LOG_BASE", node.dir.join("log"))
-            .env("RABBITMQ_PID_FILE", node.dir.join("pid"))
+            .env("RABBITMQ_NODENAME", &self.name)
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist.to_string())
+            .env("RABBITMQ_MNESIA_BASE", self.dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", self.dir.join("log"))
+            .env("RABBITMQ_PID_FILE", self.dir.join("pid"))
             .env(
                 "RABBITMQ_ENABLED_PLUGINS_FILE",
-                node.dir.join("enabled_plugins"),
+                self.dir.join("enabled_plugins"),
             )
-            .env("RABBITMQ_CONFIG_FILE", node.dir.join("rabbitmq.conf"))
+            .env("RABBITMQ_CONFIG_FILE", self.dir.join("rabbitmq.conf"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
             .await
             .expect("rabbitmq-server");
         assert!(started.success(), "rabbitmq-server -detached failed");
-        node.stop_when_the_test_process_ends();
-        let pid = node.dir.join("pid");
-        let waited = node
+        let pid = self.dir.join("pid");
+        let waited = self
             .ctl(&["wait", pid.to_str().unwrap(), "--timeout", "60"])
             .await;
-        assert!(waited, "private node {} did not start", node.name);
-        node
+        assert!(waited, "private node {} did not start", self.name);
     }
 
     /// A watchdog in a session of its own stops the node once this process is gone, for
@@ -93,6 +148,21 @@ impl PrivateNode {
     /// `amqp://guest:guest@127.0.0.1:PORT/%2f`.
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// `amqps://guest:guest@HOST:TLS_PORT/%2f` (`prepare_tls`).
+    pub fn tls_url(&self, host: &str) -> String {
+        let port = self.tls_port.expect("a node prepared with TLS");
+        format!("amqps://guest:guest@{host}:{port}/%2f")
+    }
+
+    /// The test's configuration with this node as the only broker, and its admin port.
+    pub fn settings(&self, names: &Names, spec: &ConfigSpec) -> (Settings, u16) {
+        let (text, admin) = config_with_admin(names, spec);
+        let text = text.replace(&amqp_url(), &self.url());
+        let settings = courier::config::parse(std::path::Path::new("test.toml"), &text, &|_| None)
+            .unwrap_or_else(|e| panic!("test config invalid: {e}\n{text}"));
+        (settings, admin)
     }
 
     /// Stops the node (the test's connections to it break).

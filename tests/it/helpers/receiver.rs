@@ -74,6 +74,10 @@ struct ReceiverState {
 #[derive(Clone)]
 pub struct Receiver {
     pub addr: SocketAddr,
+    /// `http`, or `https` for `start_tls`.
+    scheme: &'static str,
+    /// TLS handshakes the receiver refused or that failed (`start_tls`).
+    pub tls_failures: Arc<std::sync::atomic::AtomicUsize>,
     state: Arc<ReceiverState>,
     /// Stops the server when the last clone is dropped.
     _stop: Arc<tokio_util::sync::DropGuard>,
@@ -91,6 +95,47 @@ impl Receiver {
             .await
             .expect("bind receiver");
         let addr = listener.local_addr().unwrap();
+        Self::serve(listener, addr, "http", Default::default())
+    }
+
+    /// An HTTPS receiver on `127.0.0.1:0` with this TLS configuration (e.g.
+    /// `TestCerts::server_config`); failed handshakes are counted in `tls_failures`.
+    pub async fn start_tls(config: rustls::ServerConfig) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
+        let addr = listener.local_addr().unwrap();
+        let failures = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let counted = failures.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, peer)) = listener.accept().await {
+                let (acceptor, tx, counted) = (acceptor.clone(), tx.clone(), counted.clone());
+                tokio::spawn(async move {
+                    match acceptor.accept(socket).await {
+                        Ok(stream) => {
+                            let _ = tx.send((stream, peer)).await;
+                        }
+                        Err(_) => {
+                            counted.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                });
+            }
+        });
+        Self::serve(TlsListener { rx, addr }, addr, "https", failures)
+    }
+
+    fn serve<L>(
+        listener: L,
+        addr: SocketAddr,
+        scheme: &'static str,
+        tls_failures: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> Self
+    where
+        L: axum::serve::Listener<Addr = SocketAddr>,
+    {
         let state = Arc::new(ReceiverState {
             status: AtomicU16::new(200),
             held: tokio::sync::watch::Sender::new(false),
@@ -107,14 +152,16 @@ impl Receiver {
         });
         Self {
             addr,
+            scheme,
+            tls_failures,
             state,
             _stop: Arc::new(stop.drop_guard()),
         }
     }
 
-    /// `http://ADDR/path`.
+    /// `http://ADDR/path` (`https://` for `start_tls`).
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        format!("{}://{}{path}", self.scheme, self.addr)
     }
 
     /// The status answered from now on.
@@ -262,4 +309,30 @@ async fn record(
             .insert("retry-after", retry_after.parse().unwrap());
     }
     response
+}
+
+/// The TLS connections of `Receiver::start_tls`, handshake done.
+struct TlsListener {
+    rx: tokio::sync::mpsc::Receiver<(
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        SocketAddr,
+    )>,
+    addr: SocketAddr,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(conn) => conn,
+            // The acceptor ended: wait for the graceful shutdown.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.addr)
+    }
 }

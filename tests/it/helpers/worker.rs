@@ -16,29 +16,51 @@ use super::init_logs;
 /// A worker running in-process on its own queues.
 pub struct TestWorker {
     pub metrics: Arc<Metrics>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
     stop: CancellationToken,
     handle: tokio::task::JoinHandle<Result<(), RunError>>,
 }
 
 impl TestWorker {
+    /// Starts the worker and waits until it is ready.
     pub async fn spawn(settings: Settings) -> Self {
+        let worker = Self::start(settings);
+        assert!(
+            worker.wait_ready(Duration::from_secs(20)).await,
+            "worker not ready in time"
+        );
+        worker
+    }
+
+    /// Starts the worker without waiting for it to connect.
+    pub fn start(settings: Settings) -> Self {
         init_logs();
         let worker = Worker::new(settings);
-        let metrics = worker.metrics();
-        let ready = worker.ready();
         let stop = CancellationToken::new();
-        let handle = tokio::spawn(worker.run(stop.clone()));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !ready.load(Ordering::SeqCst) {
-            assert!(!handle.is_finished(), "worker exited during start-up");
-            assert!(Instant::now() < deadline, "worker not ready in time");
+        Self {
+            metrics: worker.metrics(),
+            ready: worker.ready(),
+            stop: stop.clone(),
+            handle: tokio::spawn(worker.run(stop)),
+        }
+    }
+
+    /// Waits until the worker is connected and consuming; panics if it exits.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !self.ready.load(Ordering::SeqCst) {
+            assert!(!self.handle.is_finished(), "worker exited");
+            if Instant::now() >= deadline {
+                return false;
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Self {
-            metrics,
-            stop,
-            handle,
-        }
+        true
+    }
+
+    /// Whether the worker is still running.
+    pub fn running(&self) -> bool {
+        !self.handle.is_finished()
     }
 
     /// A metric's value summed over the label sets whose rendering contains every

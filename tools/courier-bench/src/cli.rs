@@ -54,7 +54,7 @@ impl Target {
             r.exchange = Some(b.exchange.clone());
             r.queue = Some(b.deliver_queue());
             r.prefetch = Some(b.prefetch);
-            r.topology = courier::broker::topology::queues(b, &settings.retry.schedule)
+            r.topology = courier::broker::topology::queues(b, &settings.retry.schedule, None)
                 .into_iter()
                 .map(|q| q.name)
                 .collect();
