@@ -2,6 +2,8 @@
 #
 #   make run              build, then run the local pipeline (scripts/run-local.sh)
 #   make test             run the test suite (needs RabbitMQ on 127.0.0.1:5672)
+#   make test-prometheus  only the dashboard/alerts proof against a real Prometheus (docs/operations.md)
+#   make dashboard-png    redraw docs/img/dashboard.png from the last proof's query_range results
 #   make check            rustfmt and clippy, warnings are errors (alias: lint)
 #   make ensure-rabbitmq  install/start RabbitMQ on 127.0.0.1:5672 if needed
 #   make bench            benchmarks: courier beside the broker and HTTP limits (docs/performance.md)
@@ -11,7 +13,8 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TEST_THREADS ?= 4
 
-.PHONY: all help run build test bench check lint fmt clippy ensure-rabbitmq clean
+.PHONY: all help run build test bench check lint fmt clippy ensure-rabbitmq ensure-test-tools \
+	test-prometheus dashboard-png clean
 
 all: check test
 
@@ -20,6 +23,13 @@ help:
 
 ensure-rabbitmq:
 	@bash scripts/ensure-rabbitmq.sh
+
+# Python/Node packages of some tests (target/tools), Prometheus and the broker's
+# rabbitmq_prometheus plugin (installed or enabled as root; otherwise those tests say
+# SKIPPED, and fail in CI).
+ensure-test-tools:
+	@bash scripts/ensure-tools.sh || echo "make: the tests that need target/tools will say SKIPPED"
+	@bash scripts/ensure-prometheus.sh
 
 build:
 	$(CARGO) build --release
@@ -31,7 +41,7 @@ run: ensure-rabbitmq build
 # per-test limit: the whole run, built first, gets TEST_TIMEOUT seconds.
 TEST_TIMEOUT ?= 900
 
-test: ensure-rabbitmq
+test: ensure-rabbitmq ensure-test-tools
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		echo "+ $(CARGO) nextest run --workspace --no-fail-fast --test-threads $(TEST_THREADS)"; \
 		$(CARGO) nextest run --workspace --no-fail-fast --test-threads $(TEST_THREADS); \
@@ -40,6 +50,20 @@ test: ensure-rabbitmq
 		echo "+ timeout $(TEST_TIMEOUT) $(CARGO) test --workspace --no-fail-fast -- --test-threads $(TEST_THREADS)" && \
 		timeout --kill-after=30 $(TEST_TIMEOUT) $(CARGO) test --workspace --no-fail-fast -- --test-threads $(TEST_THREADS); \
 	fi
+
+# The dashboard and alert rules against a real Prometheus, a real courier and the
+# broker's plugin (tests/it/observe.rs; ~1 min). PROOF_LOAD_SECONDS sets the load's length.
+test-prometheus: ensure-rabbitmq ensure-test-tools
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		$(CARGO) nextest run --workspace -E 'test(prometheus_proof)'; \
+	else \
+		$(CARGO) test --test it -- --exact observe::prometheus_proof; \
+	fi
+
+dashboard-png:
+	@test -f target/prometheus-proof/ranges.json || { echo "run make test-prometheus first"; exit 1; }
+	@bash scripts/ensure-tools.sh --plot
+	target/tools/venv/bin/python tools/plot-dashboard.py target/prometheus-proof/ranges.json docs/img/dashboard.png
 
 bench: ensure-rabbitmq
 	@bash scripts/bench.sh

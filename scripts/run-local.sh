@@ -2,7 +2,9 @@
 # The local pipeline, end to end, on this machine:
 #
 #   courier receive (a demo receiver on 127.0.0.1:8787, verifies signatures)
-#   courier setup   (declares exchange and queues, prefix "courier-local")
+#   courier setup   (declares the demo's own exchange "courier-demo" and its queues
+#                    "courier-demo.*"; they stay afterwards, empty, and nothing else
+#                    publishes to that exchange, so nothing piles up in them)
 #   courier run     (the worker, config deploy/local/courier.toml)
 #   courier publish (sample events from deploy/local/events.ndjson)
 #
@@ -220,6 +222,8 @@ fi
 note "worker log:        $WORKER_LOG"
 note "receiver output:   $RECEIVER_OUT"
 note "metrics (while the worker runs): $METRICS_URL"
+note "the demo's exchange and queues (courier-demo, courier-demo.*) stay on the broker,"
+note "  empty; remove them with: rabbitmqctl delete_queue courier-demo.deliver (and so on)"
 note "to keep it running, start the two commands yourself:"
 note "  WEBHOOK_SECRET=$WEBHOOK_SECRET $BIN receive --listen $RECEIVER_HOST:$RECEIVER_PORT --secret \"\$WEBHOOK_SECRET\""
 note "  WEBHOOK_SECRET=$WEBHOOK_SECRET $BIN --config $CONFIG run"

@@ -54,13 +54,18 @@ pub fn check_summary(settings: &Settings) -> String {
             .map(redact_url)
             .unwrap_or_else(|| "(not sent)".into());
         out.push_str(&format!(
-            "  {}: companies {}, contacts {}, batch_size {}, flush_interval {}, {}, {} custom header(s)\n",
+            "  {}: companies {}, contacts {}, batch_size {}, flush_interval {}, {}{}, {} custom header(s)\n",
             a.id,
             redact_url(&a.companies_url),
             contacts,
             a.batch_size,
             humantime::format_duration(a.flush_interval),
             if a.hmac_secret.is_some() { format!("signed ({})", a.signature_header) } else { "unsigned".into() },
+            match a.standard_webhooks_keys.len() {
+                0 => String::new(),
+                1 => ", Standard Webhooks signature".into(),
+                n => format!(", Standard Webhooks signature ({n} keys)"),
+            },
             a.headers.len(),
         ));
     }

@@ -8,8 +8,9 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use super::error::ConfigError;
 use super::validate::Validator;
 
-/// The headers courier sets on every webhook request, lower case: src/http/mod.rs sets
-/// `content-type`, `user-agent` and the `x-courier-*` ones, the HTTP client
+/// The headers courier sets on webhook requests, lower case: src/http/mod.rs sets
+/// `content-type`, `user-agent`, the `x-courier-*` ones and the Standard Webhooks ones
+/// (reserved for every account, signing or not), the HTTP client
 /// `content-length`, `host` and `transfer-encoding`. A header src/http/mod.rs starts to set
 /// belongs in this list, so that no account can set it too.
 pub const COURIER_REQUEST_HEADERS: &[&str] = &[
@@ -21,6 +22,9 @@ pub const COURIER_REQUEST_HEADERS: &[&str] = &[
     crate::http::DELIVERY_ID_HEADER,
     crate::http::ATTEMPT_HEADER,
     crate::http::EVENT_COUNT_HEADER,
+    crate::http::WEBHOOK_ID_HEADER,
+    crate::http::WEBHOOK_TIMESTAMP_HEADER,
+    crate::http::WEBHOOK_SIGNATURE_HEADER,
 ];
 
 /// Every header whose name starts with this is courier's, also those a later release

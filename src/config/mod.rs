@@ -38,7 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderName};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::{ExposeSecret, SecretSlice, SecretString};
 use serde::Deserialize;
 use url::Url;
 
@@ -342,6 +342,9 @@ pub struct Account {
     pub flush_interval: Duration,
     pub hmac_secret: Option<SecretString>,
     pub signature_header: HeaderName,
+    /// The keys of the Standard Webhooks signature (the `whsec_` secrets decoded), each
+    /// signing every request; empty: no such signature (docs/receiving.md).
+    pub standard_webhooks_keys: Vec<SecretSlice<u8>>,
     /// The account's own headers; values are marked sensitive so they never print.
     pub headers: HeaderMap,
     /// The client certificate presented to receivers that demand mTLS.
@@ -359,6 +362,7 @@ impl fmt::Debug for Account {
             .field("flush_interval", &self.flush_interval)
             .field("signed", &self.hmac_secret.is_some())
             .field("signature_header", &self.signature_header)
+            .field("standard_webhooks_keys", &self.standard_webhooks_keys.len())
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
             .field("client_cert", &self.client_identity.is_some())
             .finish()

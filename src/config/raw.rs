@@ -143,7 +143,8 @@ fn default_shutdown_timeout() -> String {
     "30s".into()
 }
 
-/// `broker.url`: one node or the nodes of a cluster.
+/// One string or several: `broker.url` (one node or the nodes of a cluster),
+/// `account.standard_webhooks_secret` (one key, or several during a rotation).
 pub(super) enum OneOrMany {
     One(String),
     Many(Vec<String>),
@@ -379,8 +380,8 @@ pub(super) struct RawAccount {
     pub signature_header: String,
     #[serde(default)]
     pub headers: HashMap<String, String>,
-    /// Not supported yet: refused when set.
-    pub standard_webhooks_secret: Option<String>,
+    /// Omitted: no Standard Webhooks signature. Several: one signature per key.
+    pub standard_webhooks_secret: Option<OneOrMany>,
     /// Client certificate chain for receivers that demand mTLS (PEM file).
     pub client_cert: Option<String>,
     /// Its private key (PEM file).

@@ -537,6 +537,26 @@ mod tests {
                 Some("acme"),
             ),
             (
+                "standard_webhooks_secret = \"MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"",
+                "account.standard_webhooks_secret",
+                Some("acme"),
+            ),
+            (
+                "standard_webhooks_secret = [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\", \"whsec_!!\"]",
+                "account.standard_webhooks_secret",
+                Some("acme"),
+            ),
+            (
+                "standard_webhooks_secret = []",
+                "account.standard_webhooks_secret",
+                Some("acme"),
+            ),
+            (
+                "standard_webhooks_secret = 3",
+                "account.standard_webhooks_secret",
+                Some("acme"),
+            ),
+            (
                 "headers = { content-type = \"text/plain\" }",
                 "account.headers.content-type",
                 Some("acme"),

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER, USER_AGENT};
+use secrecy::ExposeSecret;
 use url::Url;
 
 use crate::config::{Account, ClientIdentity, DeliverySettings};
@@ -120,6 +121,12 @@ pub const DELIVERY_ID_HEADER: &str = "x-courier-delivery-id";
 pub const ATTEMPT_HEADER: &str = "x-courier-attempt";
 /// The number of events in the body.
 pub const EVENT_COUNT_HEADER: &str = "x-courier-event-count";
+/// Standard Webhooks: the delivery id again (docs/receiving.md, "Standard Webhooks").
+pub const WEBHOOK_ID_HEADER: &str = "webhook-id";
+/// Standard Webhooks: when this attempt was signed, Unix seconds.
+pub const WEBHOOK_TIMESTAMP_HEADER: &str = "webhook-timestamp";
+/// Standard Webhooks: `v1,<base64>`, one per key, space-separated.
+pub const WEBHOOK_SIGNATURE_HEADER: &str = "webhook-signature";
 
 static AGENT: &str = concat!("courier/", env!("CARGO_PKG_VERSION"));
 
@@ -199,6 +206,24 @@ impl Sender {
             .header(EVENT_COUNT_HEADER, req.event_count);
         if let Some(signature) = req.signature {
             builder = builder.header(&req.account.signature_header, signature);
+        }
+        let keys = &req.account.standard_webhooks_keys;
+        if !keys.is_empty() {
+            // Signed per attempt: receivers refuse a timestamp older than a few minutes,
+            // and a retry can come much later than the first attempt.
+            let timestamp = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let signature = crate::sign::standard_webhooks_signature(
+                keys.iter().map(|k| k.expose_secret()),
+                req.delivery_id,
+                timestamp,
+                &req.body,
+            );
+            builder = builder
+                .header(WEBHOOK_ID_HEADER, req.delivery_id)
+                .header(WEBHOOK_TIMESTAMP_HEADER, timestamp)
+                .header(WEBHOOK_SIGNATURE_HEADER, signature);
         }
         match builder.body(req.body).send().await {
             Ok(response) => {

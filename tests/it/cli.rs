@@ -90,9 +90,7 @@ fn config_errors_exit_2_naming_the_key() {
             "2 environment variables are not set",
         ),
         (
-            format!(
-                "{GOOD}standard_webhooks_secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n"
-            ),
+            format!("{GOOD}standard_webhooks_secret = \"MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n"),
             "standard_webhooks_secret",
         ),
         (
@@ -133,6 +131,7 @@ fn config_errors_exit_2_naming_the_key() {
             output(&mut courier(&["check", "--config", path.to_str().unwrap()]));
         assert_eq!(code, 2, "config should be refused: {text}");
         assert!(stderr.contains(key), "stderr does not name {key}: {stderr}");
+        assert!(!stderr.contains("MfKQ9r8G"), "a secret was shown: {stderr}");
         assert!(
             stderr.contains("courier.toml"),
             "stderr does not name the file: {stderr}"

@@ -8,6 +8,7 @@ mod config;
 mod node;
 mod process;
 mod receiver;
+mod tools;
 mod worker;
 
 use std::time::Duration;
@@ -20,6 +21,7 @@ pub use config::*;
 pub use node::*;
 pub use process::*;
 pub use receiver::*;
+pub use tools::*;
 pub use worker::*;
 
 /// The broker the tests use.
