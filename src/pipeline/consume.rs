@@ -115,16 +115,16 @@ fn window_flush(
     low: u64,
     prefetch: usize,
 ) {
-    let oldest_holds_low = open.oldest().is_some_and(|(_, first)| first.tag <= low);
     let state = Window {
         pipelined: intake.live.pipelined,
         prefetch,
         unacked: window,
         buffered: open.buffered(),
-        oldest_holds_low,
     };
     let mut emit = |f| dispatch(cx, &mut intake.destinations, f);
-    match window_rule(&state) {
+    // Looked up only when the rule asks: most deliveries end before it.
+    let oldest_holds_low = || open.oldest().is_some_and(|(_, first)| first.tag <= low);
+    match window_rule(&state, oldest_holds_low) {
         None => {}
         Some(WindowFlush::All) => open.drain(FlushReason::Window, emit),
         Some(WindowFlush::Fullest { keep }) => open.flush_fullest(FlushReason::Window, keep, emit),
@@ -147,8 +147,6 @@ struct Window {
     unacked: usize,
     /// Of those, events in open batches.
     buffered: usize,
-    /// The oldest open batch holds the oldest unsettled message: no ack can pass it.
-    oldest_holds_low: bool,
 }
 
 /// What the window calls for.
@@ -173,7 +171,10 @@ enum WindowFlush {
 /// - from three quarters of a window, an open batch that holds the oldest unsettled
 ///   message is flushed: the settled messages behind it can be acknowledged only after
 ///   it, and they fill the window meanwhile.
-fn window_rule(w: &Window) -> Option<WindowFlush> {
+///
+/// `oldest_holds_low`: whether the oldest open batch holds the oldest unsettled message
+/// (no ack can pass it).
+fn window_rule(w: &Window, oldest_holds_low: impl FnOnce() -> bool) -> Option<WindowFlush> {
     if w.buffered == 0 {
         None
     } else if !w.pipelined {
@@ -186,7 +187,7 @@ fn window_rule(w: &Window) -> Option<WindowFlush> {
         Some(WindowFlush::Fullest {
             keep: w.buffered / 2,
         })
-    } else if 4 * w.unacked >= 3 * w.prefetch && w.oldest_holds_low {
+    } else if 4 * w.unacked >= 3 * w.prefetch && oldest_holds_low() {
         Some(WindowFlush::Oldest)
     } else {
         None
@@ -387,14 +388,14 @@ fn spawn_dead_letter(cx: &Arc<Context>, item: Pending, dead: DeadLetter) {
 mod tests {
     use super::*;
 
-    fn window(unacked: usize, buffered: usize, oldest_holds_low: bool) -> Window {
-        Window {
+    fn window(unacked: usize, buffered: usize, oldest_holds_low: bool) -> (Window, bool) {
+        let window = Window {
             pipelined: true,
             prefetch: 1000,
             unacked,
             buffered,
-            oldest_holds_low,
-        }
+        };
+        (window, oldest_holds_low)
     }
 
     #[test]
@@ -402,7 +403,7 @@ mod tests {
         use WindowFlush::*;
         let small = Window {
             pipelined: false,
-            ..window(1000, 300, true)
+            ..window(1000, 300, true).0
         };
         let cases = [
             // (state, expected, why)
@@ -434,18 +435,26 @@ mod tests {
                 Some(Fullest { keep: 150 }),
                 "full comes first",
             ),
-            (small, Some(All), "a small window: everything when full"),
             (
-                Window {
-                    unacked: 999,
-                    ..small
-                },
+                (small, true),
+                Some(All),
+                "a small window: everything when full",
+            ),
+            (
+                (
+                    Window {
+                        unacked: 999,
+                        ..small
+                    },
+                    true,
+                ),
                 None,
                 "a small window not yet full",
             ),
         ];
-        for (state, expected, why) in cases {
-            assert_eq!(window_rule(&state), expected, "{why}: {state:?}");
+        for ((state, holds), expected, why) in cases {
+            let rule = window_rule(&state, || holds);
+            assert_eq!(rule, expected, "{why}: {state:?}, oldest holds: {holds}");
         }
     }
 }
