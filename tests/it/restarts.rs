@@ -131,14 +131,23 @@ async fn a_broker_node_restarted_while_events_flow_loses_nothing() {
 
     let published: HashSet<String> = first.iter().chain(&second).map(|b| event_id(b)).collect();
     let delivered = || receiver.delivered_ids().into_iter().collect::<HashSet<_>>();
-    assert!(
-        eventually(Duration::from_secs(60), || delivered()
-            .is_superset(&published))
-        .await,
-        "never delivered: {} of {}",
-        published.difference(&delivered()).count(),
-        published.len()
-    );
+    if !eventually(Duration::from_secs(60), || {
+        delivered().is_superset(&published)
+    })
+    .await
+    {
+        let delivered = delivered();
+        let mut missing: Vec<_> = published.difference(&delivered).collect();
+        missing.sort();
+        panic!(
+            "never delivered: {} of {}: {missing:?}\n{} requests, {} events accepted\nqueues:\n{}",
+            missing.len(),
+            published.len(),
+            receiver.requests().len(),
+            receiver.delivered_ids().len(),
+            node.queue_depths().await
+        );
+    }
     let recovered = stopped.elapsed();
     worker.shutdown().await;
     let listing = courier::commands::dlq::list(&settings, 0)

@@ -195,6 +195,23 @@ impl PrivateNode {
             .count()
     }
 
+    /// The node's queues with their ready and unacknowledged counts, one per line: for
+    /// a failing test's message.
+    pub async fn queue_depths(&self) -> String {
+        rabbitmqctl(
+            Some(&self.name),
+            &[
+                "list_queues",
+                "-q",
+                "--no-table-headers",
+                "name",
+                "messages_ready",
+                "messages_unacknowledged",
+            ],
+        )
+        .await
+    }
+
     /// Runs `rabbitmqctl -n NODE ARGS`; returns whether it succeeded.
     async fn ctl(&self, args: &[&str]) -> bool {
         tokio::process::Command::new("rabbitmqctl")
