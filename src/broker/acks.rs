@@ -15,6 +15,9 @@
 //!   window has not moved for a tick, or any window for a second, the settled ones are
 //!   acknowledged alone. (A batch still open that holds the watermark is the consumer's
 //!   to flush: the lowest tag not yet passed is published for it, [`Acks::low`].)
+//! - a shutdown acknowledges what is settled at once ([`Acks::flush`]), and the last
+//!   single acks before a channel closes get a moment to reach the queue
+//!   (docs/design.md, "Shutdown").
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -158,6 +161,8 @@ impl Watermark {
 enum Msg {
     Ack(Vec<u64>),
     Nack(u64),
+    /// Acknowledge every settled tag now, alone if the watermark cannot pass them.
+    Flush,
 }
 
 /// Settles messages of one channel. Cheap to clone; the task ends when every handle is
@@ -204,6 +209,13 @@ impl Acks {
     pub fn nack(&self, tag: u64) {
         let _ = self.tx.send(Msg::Nack(tag));
     }
+
+    /// Acknowledges everything settled so far without waiting for the watermark: at the
+    /// start of a shutdown, so that the broker has taken those acks before the channel
+    /// closes.
+    pub fn flush(&self) {
+        let _ = self.tx.send(Msg::Flush);
+    }
 }
 
 /// Ticks (of 100 ms) after which a watermark that stands still, however full the
@@ -228,8 +240,10 @@ async fn run(
         tokio::select! {
             msg = rx.recv() => {
                 let Some(msg) = msg else { break };
+                let mut flush = false;
                 match msg {
                     Msg::Ack(tags) => tags.into_iter().for_each(|tag| marks.defer(tag)),
+                    Msg::Flush => flush = true,
                     Msg::Nack(tag) => {
                         marks.done(tag);
                         window.fetch_sub(1, Ordering::SeqCst);
@@ -247,7 +261,7 @@ async fn run(
                         tracing::debug!(error = %e, tag, "ack failed; the messages will be redelivered");
                     }
                 }
-                if marks.deferred() >= nearly_full {
+                if flush || marks.deferred() >= nearly_full {
                     ack_alone(&channel, &mut marks, &window).await;
                 }
             }
@@ -269,12 +283,30 @@ async fn run(
             .basic_ack(tag, BasicAckOptions { multiple: true })
             .await;
     }
-    ack_alone(&channel, &mut marks, &window).await;
+    let alone = ack_alone(&channel, &mut marks, &window).await;
+    if alone > QUEUE_CLIENT_IN_FLIGHT && channel.status().connected() {
+        // The channel's close does not wait for its quorum queues to take the acks sent
+        // just before it: the broker's queue client sends a few dozen commands at a time
+        // and drops what it still holds when the channel goes. Give it time to send them.
+        let pause = Duration::from_micros(500 * alone as u64).min(Duration::from_secs(1));
+        tracing::debug!(
+            acked_alone = alone,
+            ?pause,
+            "last acks sent; letting the broker take them"
+        );
+        tokio::time::sleep(pause).await;
+    }
 }
 
+/// Commands the broker's quorum queue client of a channel keeps in flight; beyond that it
+/// holds them back until earlier ones are applied.
+const QUEUE_CLIENT_IN_FLIGHT: usize = 32;
+
 /// Acknowledges every deferred tag on its own.
-async fn ack_alone(channel: &Channel, marks: &mut Watermark, window: &AtomicUsize) {
-    for tag in marks.take_deferred() {
+async fn ack_alone(channel: &Channel, marks: &mut Watermark, window: &AtomicUsize) -> usize {
+    let tags = marks.take_deferred();
+    let n = tags.len();
+    for tag in tags {
         window.fetch_sub(1, Ordering::SeqCst);
         if let Err(e) = channel
             .basic_ack(tag, BasicAckOptions { multiple: false })
@@ -283,6 +315,7 @@ async fn ack_alone(channel: &Channel, marks: &mut Watermark, window: &AtomicUsiz
             tracing::debug!(error = %e, tag, "ack failed; the message will be redelivered");
         }
     }
+    n
 }
 
 #[cfg(test)]

@@ -122,6 +122,9 @@ impl Session {
             .channel
             .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default());
         let _ = tokio::time::timeout(brief, cancel).await;
+        // What is settled already is acknowledged now, not behind the watermark of what
+        // is still in flight: the grace gives the broker time to take those acks.
+        self.acks.flush();
         self.tasks.tracker.close();
         if tokio::time::timeout(grace, self.tasks.tracker.wait())
             .await
@@ -147,6 +150,7 @@ impl Session {
     async fn end(self, brief: Duration) {
         let Self {
             connection,
+            channel,
             acks,
             ack_task,
             tasks,
@@ -158,6 +162,10 @@ impl Session {
         // settled, then ends.
         drop(acks);
         let _ = tokio::time::timeout(brief, ack_task).await;
+        // The broker answers a channel's close after every frame sent on it before: once
+        // it has, the last acks are taken (a connection closed at once could lose them,
+        // and their messages would be delivered again).
+        let _ = tokio::time::timeout(brief, channel.close(200, "session ended".into())).await;
         let _ = tokio::time::timeout(brief, connection.close(200, "session ended".into())).await;
     }
 }
