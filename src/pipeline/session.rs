@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
+use futures_util::stream::SelectAll;
 use lapin::{Channel, Connection, Consumer};
 use tokio::task::JoinHandle;
 use tokio_util::future::FutureExt as _;
@@ -62,9 +63,10 @@ impl Tasks {
 pub struct Session {
     connection: Connection,
     channel: Channel,
-    tag: String,
-    /// The deliveries; the consumer loop takes them.
-    pub consumer: Consumer,
+    tags: Vec<String>,
+    /// The deliveries (of every shard, with per-record ordering); the consumer loop
+    /// takes them.
+    pub consumer: SelectAll<Consumer>,
     /// Messages the broker holds unacknowledged for this channel. Each session has its
     /// own, so late settlements of a dead channel never skew a new one.
     pub window: Arc<AtomicUsize>,
@@ -87,23 +89,35 @@ impl Session {
             .basic_qos(broker.prefetch, BasicQosOptions::default())
             .await
             .map_err(BrokerError::amqp("setting prefetch"))?;
-        let tag = format!("courier-{}", std::process::id());
-        let queue = broker.deliver_queue();
-        let consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(BrokerError::amqp(format!("consuming from {queue}")))?;
+        // Per-record ordering: every shard, each with a single active consumer across
+        // the replicas (docs/ordering.md); the prefetch applies to each.
+        let queues = if broker.per_record {
+            (0..broker.shards).map(|n| broker.shard_queue(n)).collect()
+        } else {
+            vec![broker.deliver_queue()]
+        };
+        let mut tags = Vec::new();
+        let mut consumer = SelectAll::new();
+        for queue in queues {
+            let tag = format!("courier-{}-{queue}", std::process::id());
+            let consumed = channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(BrokerError::amqp(format!("consuming from {queue}")))?;
+            consumer.push(consumed);
+            tags.push(tag);
+        }
         let window = Arc::new(AtomicUsize::new(0));
         let (acks, ack_task) = Acks::spawn(channel.clone(), broker.prefetch, window.clone());
         Ok(Self {
             connection,
             channel,
-            tag,
+            tags,
             consumer,
             window,
             acks,
@@ -118,10 +132,12 @@ impl Session {
     /// the broker to redeliver.
     pub async fn shut_down(self, grace: Duration) -> usize {
         let brief = Duration::from_secs(5);
-        let cancel = self
-            .channel
-            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default());
-        let _ = tokio::time::timeout(brief, cancel).await;
+        for tag in &self.tags {
+            let cancel = self
+                .channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+            let _ = tokio::time::timeout(brief, cancel).await;
+        }
         self.tasks.tracker.close();
         if tokio::time::timeout(grace, self.tasks.tracker.wait())
             .await
@@ -136,6 +152,11 @@ impl Session {
         let window = self.window.clone();
         self.end(brief).await;
         window.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The consuming connection (the parking log is read on it).
+    pub fn connection(&self) -> &Connection {
+        &self.connection
     }
 
     /// Ends a session whose connection was lost: its tasks stop at once.
