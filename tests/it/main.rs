@@ -9,6 +9,7 @@ mod failures;
 mod helpers;
 mod hostile;
 mod observe;
+mod ordering;
 mod operator;
 mod paths;
 mod pipeline;
