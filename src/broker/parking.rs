@@ -109,10 +109,12 @@ impl ParkingLog {
             tier_ms: 0,
             at: millis(now),
         };
-        self.append(&marker).await.map_err(|e| BrokerError::Connect {
-            nodes: self.queue.clone(),
-            last: format!("appending a marker to the parking log: {e}"),
-        })?;
+        self.append(&marker)
+            .await
+            .map_err(|e| BrokerError::Connect {
+                nodes: self.queue.clone(),
+                last: format!("appending a marker to the parking log: {e}"),
+            })?;
         let channel = conn
             .create_channel()
             .await
@@ -143,10 +145,7 @@ impl ParkingLog {
             while let Some(delivery) = consumer.next().await {
                 let delivery =
                     delivery.map_err(BrokerError::amqp(format!("reading {}", self.queue)))?;
-                let _ = delivery
-                    .acker
-                    .ack(BasicAckOptions::default())
-                    .await;
+                let _ = delivery.acker.ack(BasicAckOptions::default()).await;
                 let Ok(entry) = serde_json::from_slice::<Entry>(&delivery.data) else {
                     continue;
                 };
@@ -173,7 +172,12 @@ impl ParkingLog {
             }),
             Ok(Err(e)) => Err(e),
             Err(_) => {
-                tracing::warn!(shard, read = entries.len(), ?limit, "the parking log's marker did not come back in time; going on with what was read");
+                tracing::warn!(
+                    shard,
+                    read = entries.len(),
+                    ?limit,
+                    "the parking log's marker did not come back in time; going on with what was read"
+                );
                 Ok(entries)
             }
         }
@@ -202,7 +206,8 @@ mod tests {
             r#"{"shard":3,"op":"park","id":"e1","account":"acme","type":"company","record_id":"r1","tier_ms":30000,"at":1800000000000}"#
         );
         assert_eq!(serde_json::from_str::<Entry>(&text).unwrap(), entry);
-        let marker: Entry = serde_json::from_str(r#"{"shard":1,"op":"marker","id":"n","at":5}"#).unwrap();
+        let marker: Entry =
+            serde_json::from_str(r#"{"shard":1,"op":"marker","id":"n","at":5}"#).unwrap();
         assert_eq!(marker.op, Op::Marker);
     }
 }

@@ -15,9 +15,9 @@ use tokio_util::sync::CancellationToken;
 use super::Key;
 use super::batch::{Accumulator, FlushReason, Flushed, Limits};
 use super::deliver::{self, Batch, Context};
+use super::order::{Admit, RecordKey, Records, shard_of};
 use super::reload::{self, Live};
 use super::session::Session;
-use super::order::{Admit, RecordKey, Records, shard_of};
 use super::settle::{DeadLetter, OrderTag, Pending, Resolved, UNKNOWN_ACCOUNT};
 use super::warnings::{Kind, Warnings};
 use crate::broker::headers::Trail;
@@ -78,7 +78,13 @@ impl Ordered {
 /// How far back the parking log is read: the longest a record can wait in the tiers
 /// (`retry.max_age` and the largest tier) and an hour.
 fn log_horizon(settings: &Settings) -> Duration {
-    let largest = settings.retry.schedule.iter().max().copied().unwrap_or_default();
+    let largest = settings
+        .retry
+        .schedule
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or_default();
     settings.retry.max_age + largest + Duration::from_secs(3600)
 }
 
@@ -331,9 +337,21 @@ fn batch_in(
 
 /// Per-record ordering: batches an event, holds it, or parks it behind its record's head
 /// ([`Records::admit`]).
-fn admit(intake: &mut Intake, open: &mut Open, cx: &Arc<Context>, o: &mut Ordered, mut routed: Routed) {
-    let tag = routed.2.order.as_mut().expect("events of a shard carry their record");
-    let (admit, dropped) = o.records.admit(tag.shard, &tag.record, &routed.2.id, SystemTime::now());
+fn admit(
+    intake: &mut Intake,
+    open: &mut Open,
+    cx: &Arc<Context>,
+    o: &mut Ordered,
+    mut routed: Routed,
+) {
+    let tag = routed
+        .2
+        .order
+        .as_mut()
+        .expect("events of a shard carry their record");
+    let (admit, dropped) = o
+        .records
+        .admit(tag.shard, &tag.record, &routed.2.id, SystemTime::now());
     for id in dropped {
         tracing::warn!(shard = tag.shard, account = %tag.record.account, r#type = %tag.record.kind, %id, "a parked event did not come back in time; its record goes on without waiting for it");
     }
@@ -360,7 +378,11 @@ fn admit(intake: &mut Intake, open: &mut Open, cx: &Arc<Context>, o: &mut Ordere
 async fn rebuild(o: &mut Ordered, session: &Session, shard: u16, horizon: Duration) {
     let since = SystemTime::now() - horizon;
     let limit = Duration::from_secs(60);
-    let entries = match o.log.read_shard(session.connection(), shard, since, limit).await {
+    let entries = match o
+        .log
+        .read_shard(session.connection(), shard, since, limit)
+        .await
+    {
         Ok(entries) => entries,
         Err(e) => {
             tracing::warn!(error = %e, shard, "cannot read the parking log; going on with no record parked on this shard");
@@ -385,7 +407,12 @@ async fn rebuild(o: &mut Ordered, session: &Session, shard: u16, horizon: Durati
         })
     });
     o.records.rebuild(shard, ops);
-    tracing::info!(shard, entries = entries.len(), parked = o.records.parked(), "active on a shard; parked records read from the parking log");
+    tracing::info!(
+        shard,
+        entries = entries.len(),
+        parked = o.records.parked(),
+        "active on a shard; parked records read from the parking log"
+    );
 }
 
 /// The shard of a delivery, from the shard queue it came from.
@@ -494,9 +521,8 @@ fn route(
     let mut item = item;
     if settings.broker.per_record {
         let broker = &settings.broker;
-        let shard = shard_of_queue(routing_key.as_str(), broker).unwrap_or_else(|| {
-            shard_of(&account.id, kind.as_str(), &record_id, broker.shards)
-        });
+        let shard = shard_of_queue(routing_key.as_str(), broker)
+            .unwrap_or_else(|| shard_of(&account.id, kind.as_str(), &record_id, broker.shards));
         item.order = Some(OrderTag {
             shard,
             record: RecordKey {

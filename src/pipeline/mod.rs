@@ -199,7 +199,10 @@ impl Worker {
             self.metrics.set_broker_connected(true);
             self.set_ready(true);
             if broker.per_record && router.is_none() {
-                router = Some(tokio::spawn(router::run(broker.clone(), router_stop.clone())));
+                router = Some(tokio::spawn(router::run(
+                    broker.clone(),
+                    router_stop.clone(),
+                )));
             }
             let ordered = broker.per_record.then(|| {
                 let (resolved, rx) = tokio::sync::mpsc::unbounded_channel();

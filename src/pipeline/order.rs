@@ -220,10 +220,7 @@ impl<H> Records<H> {
                 }
             }
         }
-        self.held
-            .remove(record)
-            .map(Vec::from)
-            .unwrap_or_default()
+        self.held.remove(record).map(Vec::from).unwrap_or_default()
     }
 
     /// Replaces what is known of `shard`'s parked records by what its parking log says,
@@ -355,21 +352,56 @@ mod tests {
             // e1 fails into tier 1: the record is parked, e2 is released.
             Resolve("e1", Fate::Tier(T1), 2, 1),
             // e2 (released) and e3 (new) park behind e1 in tier 1.
-            Arrive("e2", 2, Admit::Park { tier: T1, new: true }),
-            Arrive("e3", 3, Admit::Park { tier: T1, new: true }),
+            Arrive(
+                "e2",
+                2,
+                Admit::Park {
+                    tier: T1,
+                    new: true,
+                },
+            ),
+            Arrive(
+                "e3",
+                3,
+                Admit::Park {
+                    tier: T1,
+                    new: true,
+                },
+            ),
             // e1 comes back: it is the head, batched.
             Arrive("e1", 32, Admit::Batch { head: true }),
             // e2 comes back while the head is out: held.
             Arrive("e2", 33, Admit::Hold),
             // The head fails again into tier 2: e2 follows it there.
             Resolve("e1", Fate::Tier(T2), 34, 1),
-            Arrive("e2", 34, Admit::Park { tier: T2, new: false }),
-            Arrive("e3", 35, Admit::Park { tier: T2, new: false }),
+            Arrive(
+                "e2",
+                34,
+                Admit::Park {
+                    tier: T2,
+                    new: false,
+                },
+            ),
+            Arrive(
+                "e3",
+                35,
+                Admit::Park {
+                    tier: T2,
+                    new: false,
+                },
+            ),
             // The head comes back and is delivered: e2 is the head now.
             Arrive("e1", 340, Admit::Batch { head: true }),
             Resolve("e1", Fate::Done, 341, 0),
             // e4 arrives: parked where the head e2 is.
-            Arrive("e4", 342, Admit::Park { tier: T2, new: true }),
+            Arrive(
+                "e4",
+                342,
+                Admit::Park {
+                    tier: T2,
+                    new: true,
+                },
+            ),
             Arrive("e2", 345, Admit::Batch { head: true }),
             Resolve("e2", Fate::Done, 346, 0),
             // e3 is dead-lettered (Done as well), then e4 goes, and the record is free.
@@ -404,20 +436,35 @@ mod tests {
     fn other_records_flow_and_a_returned_head_holds_its_followers() {
         let mut records = Records::<&str>::default();
         let (r1, r2) = (record("r1"), record("r2"));
-        assert_eq!(records.admit(0, &r1, "a1", at(0)).0, Admit::Batch { head: false });
-        assert_eq!(records.admit(1, &r2, "b1", at(0)).0, Admit::Batch { head: false });
+        assert_eq!(
+            records.admit(0, &r1, "a1", at(0)).0,
+            Admit::Batch { head: false }
+        );
+        assert_eq!(
+            records.admit(1, &r2, "b1", at(0)).0,
+            Admit::Batch { head: false }
+        );
         records.resolve(&r1, "a1", Fate::Tier(T1), at(1));
         assert_eq!(records.parked(), 1);
         // r2 is not held up by r1.
         records.resolve(&r2, "b1", Fate::Done, at(1));
-        assert_eq!(records.admit(1, &r2, "b2", at(2)).0, Admit::Batch { head: false });
+        assert_eq!(
+            records.admit(1, &r2, "b2", at(2)).0,
+            Admit::Batch { head: false }
+        );
         // r1's head comes back and its republish fails: followers wait in memory.
-        assert_eq!(records.admit(0, &r1, "a1", at(31)).0, Admit::Batch { head: true });
+        assert_eq!(
+            records.admit(0, &r1, "a1", at(31)).0,
+            Admit::Batch { head: true }
+        );
         records.resolve(&r1, "a1", Fate::Back, at(32));
         assert_eq!(records.admit(0, &r1, "a2", at(33)).0, Admit::Hold);
         // A record that was free and returned is still free.
         records.resolve(&r2, "b2", Fate::Back, at(3));
-        assert_eq!(records.admit(1, &r2, "b2", at(4)).0, Admit::Batch { head: false });
+        assert_eq!(
+            records.admit(1, &r2, "b2", at(4)).0,
+            Admit::Batch { head: false }
+        );
     }
 
     #[test]
@@ -428,7 +475,13 @@ mod tests {
         records.resolve(&r, "e1", Fate::Tier(T1), at(0));
         // Due back at 30 s; waited for until 30 + 30 + 600 s.
         let (admit, dropped) = records.admit(0, &r, "e2", at(600));
-        assert_eq!(admit, Admit::Park { tier: T1, new: true });
+        assert_eq!(
+            admit,
+            Admit::Park {
+                tier: T1,
+                new: true
+            }
+        );
         assert!(dropped.is_empty());
         let (admit, dropped) = records.admit(0, &r, "e2", at(661));
         assert_eq!(dropped, vec!["e1".to_owned()]);
@@ -445,18 +498,59 @@ mod tests {
         records.admit(1, &r3, "c1", at(0));
         records.resolve(&r3, "c1", Fate::Tier(T1), at(0));
         let entries = vec![
-            LogOp::Park { record: r1.clone(), id: "a1", tier: T1, at: at(0) },
-            LogOp::Park { record: r1.clone(), id: "a2", tier: T1, at: at(1) },
-            LogOp::Park { record: r2.clone(), id: "b1", tier: T1, at: at(1) },
-            LogOp::Park { record: r1.clone(), id: "a1", tier: T2, at: at(40) },
-            LogOp::Release { record: r2.clone(), id: "b1" },
+            LogOp::Park {
+                record: r1.clone(),
+                id: "a1",
+                tier: T1,
+                at: at(0),
+            },
+            LogOp::Park {
+                record: r1.clone(),
+                id: "a2",
+                tier: T1,
+                at: at(1),
+            },
+            LogOp::Park {
+                record: r2.clone(),
+                id: "b1",
+                tier: T1,
+                at: at(1),
+            },
+            LogOp::Park {
+                record: r1.clone(),
+                id: "a1",
+                tier: T2,
+                at: at(40),
+            },
+            LogOp::Release {
+                record: r2.clone(),
+                id: "b1",
+            },
         ];
         records.rebuild(0, entries);
         assert_eq!(records.parked(), 2);
         // r1: head a1 in tier 2, a2 behind it; r2 is free.
-        assert_eq!(records.admit(0, &r1, "a2", at(41)).0, Admit::Park { tier: T2, new: false });
-        assert_eq!(records.admit(0, &r1, "a1", at(341)).0, Admit::Batch { head: true });
-        assert_eq!(records.admit(0, &r2, "b2", at(41)).0, Admit::Batch { head: false });
-        assert_eq!(records.admit(1, &r3, "c2", at(2)).0, Admit::Park { tier: T1, new: true });
+        assert_eq!(
+            records.admit(0, &r1, "a2", at(41)).0,
+            Admit::Park {
+                tier: T2,
+                new: false
+            }
+        );
+        assert_eq!(
+            records.admit(0, &r1, "a1", at(341)).0,
+            Admit::Batch { head: true }
+        );
+        assert_eq!(
+            records.admit(0, &r2, "b2", at(41)).0,
+            Admit::Batch { head: false }
+        );
+        assert_eq!(
+            records.admit(1, &r3, "c2", at(2)).0,
+            Admit::Park {
+                tier: T1,
+                new: true
+            }
+        );
     }
 }

@@ -97,7 +97,9 @@ async fn route(
         let consumed = channel
             .basic_consume(
                 intake.as_str().into(),
-                format!("courier-route-{}", std::process::id()).as_str().into(),
+                format!("courier-route-{}", std::process::id())
+                    .as_str()
+                    .into(),
                 BasicConsumeOptions {
                     exclusive: true,
                     ..Default::default()
@@ -194,6 +196,18 @@ async fn route(
     };
     if result.is_ok() {
         let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+        // Channels closed before their connection: what the broker still sends to a
+        // closing connection would be logged as an error.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            channel.close(200, "router stopped".into()),
+        )
+        .await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            publish.close(200, "router stopped".into()),
+        )
+        .await;
     }
     result
 }
@@ -223,7 +237,11 @@ pub fn shard_of_body(body: &[u8], broker: &BrokerSettings) -> u16 {
 /// The properties of a routed copy: the trail only if courier put the message back
 /// itself (`exchange` is the default one), first seen now if not known yet, without the
 /// broker's history headers.
-pub fn copy_properties(exchange: &str, original: &BasicProperties, now: SystemTime) -> BasicProperties {
+pub fn copy_properties(
+    exchange: &str,
+    original: &BasicProperties,
+    now: SystemTime,
+) -> BasicProperties {
     let mut trail = Trail::of_delivery(exchange, original);
     trail.first_seen.get_or_insert(now);
     let headers = trail.write(original.headers().as_ref());
@@ -274,20 +292,28 @@ mod tests {
         // Through the events exchange: only the foreign header and a fresh first-seen.
         let published = copy_properties("record-changes", &original, now);
         assert_eq!(keys(&published), vec!["trace", FIRST_SEEN]);
-        assert_eq!(Trail::read(published.headers().as_ref()).first_seen, Some(now));
+        assert_eq!(
+            Trail::read(published.headers().as_ref()).first_seen,
+            Some(now)
+        );
         // Back from a retry tier (default exchange): the trail stays, history goes.
         let returned = copy_properties("", &original, now);
         let trail = Trail::read(returned.headers().as_ref());
         assert_eq!(trail.retries, Some(5));
         assert!(trail.parked);
         assert_eq!(trail.reason.as_deref(), Some("forged"));
-        assert!(!keys(&returned).iter().any(|k| k.starts_with("x-death") || k == "x-delivery-count"));
+        assert!(
+            !keys(&returned)
+                .iter()
+                .any(|k| k.starts_with("x-death") || k == "x-delivery-count")
+        );
         assert_eq!(returned.delivery_mode(), &Some(2));
     }
 
     #[test]
     fn an_event_goes_to_its_record_s_shard_and_garbage_to_shard_0() {
-        let settings = crate::config::testing::parse_with(crate::config::testing::MINIMAL, &[]).unwrap();
+        let settings =
+            crate::config::testing::parse_with(crate::config::testing::MINIMAL, &[]).unwrap();
         let body = br#"{"id":"e1","account":"acme","type":"company","action":"updated","record_id":"r1","record":{}}"#;
         assert_eq!(
             shard_of_body(body, &settings.broker),

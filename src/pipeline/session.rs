@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
+use futures_util::stream::SelectAll;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use futures_util::stream::SelectAll;
 use lapin::{Channel, Connection, Consumer};
 use tokio::task::JoinHandle;
 use tokio_util::future::FutureExt as _;

@@ -21,9 +21,9 @@ use tokio::sync::mpsc;
 use super::decide::{Failure, MAX_HOLD, Next, next_tier};
 use super::order::{Fate, RecordKey};
 use crate::broker::Publisher;
-use crate::broker::parking::{self, Entry, Op, ParkingLog};
 use crate::broker::acks::Acks;
 use crate::broker::headers::{Trail, republish_properties};
+use crate::broker::parking::{self, Entry, Op, ParkingLog};
 use crate::broker::publish::PUBLISH_TIMEOUT;
 use crate::config::{BrokerSettings, RetrySettings};
 use crate::event::RecordType;
@@ -155,7 +155,10 @@ impl Settler {
     /// Acknowledges events delivered with a 2xx (after logging the release of those that
     /// headed a parked record).
     pub async fn delivered(&self, items: Vec<Pending>) {
-        for item in items.iter().filter(|i| i.order.as_ref().is_some_and(|o| o.head)) {
+        for item in items
+            .iter()
+            .filter(|i| i.order.as_ref().is_some_and(|o| o.head))
+        {
             self.log(item, Op::Release, None).await;
         }
         self.ack(items.iter().map(|item| item.tag).collect());
@@ -275,7 +278,10 @@ impl Settler {
                     };
                     let delay = retry.schedule[index];
                     let queue = self.broker.retry_queue(delay);
-                    if self.republish(item, &queue, &trail, Some((Op::Park, delay))).await {
+                    if self
+                        .republish(item, &queue, &trail, Some((Op::Park, delay)))
+                        .await
+                    {
                         self.metrics.events_retried(account, kind, "scheduled", 1);
                         return Went::Tier(delay);
                     }

@@ -47,7 +47,14 @@ async fn setup_declares_the_shards_and_the_parking_log_idempotently() {
     }
     let listing = rabbitmqctl(
         None,
-        &["list_queues", "-q", "--no-table-headers", "name", "type", "arguments"],
+        &[
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "type",
+            "arguments",
+        ],
     )
     .await;
     let line = |name: &str| {
@@ -137,7 +144,13 @@ async fn scenario(ordering: &str, kill: bool, records: usize, updates: usize) ->
         let delivered: HashSet<String> = receiver.delivered_ids().into_iter().collect();
         let missing: Vec<&String> = ids.iter().filter(|id| !delivered.contains(*id)).collect();
         if missing.len() <= 20 {
-            dead.extend(broker.drain(&dead_queue).await.iter().map(|(b, _)| event_id(b)));
+            dead.extend(
+                broker
+                    .drain(&dead_queue)
+                    .await
+                    .iter()
+                    .map(|(b, _)| event_id(b)),
+            );
             if missing.iter().all(|id| dead.contains(*id)) {
                 break true;
             }
@@ -150,7 +163,11 @@ async fn scenario(ordering: &str, kill: bool, records: usize, updates: usize) ->
     let delivered = receiver.delivered_ids();
     let got: HashSet<&String> = delivered.iter().chain(dead.iter()).collect();
     let lost: Vec<&String> = ids.iter().filter(|id| !got.contains(id)).collect();
-    assert!(done && lost.is_empty(), "lost {} events: {lost:?}", lost.len());
+    assert!(
+        done && lost.is_empty(),
+        "lost {} events: {lost:?}",
+        lost.len()
+    );
     // Per record, the order of first deliveries.
     let mut firsts: HashMap<String, Vec<usize>> = HashMap::new();
     let mut seen = HashSet::new();
@@ -168,13 +185,13 @@ async fn scenario(ordering: &str, kill: bool, records: usize, updates: usize) ->
         .filter(|(_, seqs)| seqs.windows(2).any(|w| w[0] > w[1]))
         .collect();
     out_of_order.sort();
-    if let Some(mut second) = second {
-        sigterm(&second.proc.0);
-        let _ = wait_exit(&mut second.proc.0, Duration::from_secs(20)).await;
-    } else {
-        sigterm(&first.proc.0);
-        let _ = wait_exit(&mut first.proc.0, Duration::from_secs(20)).await;
-    }
+    let mut last = second.unwrap_or(first);
+    sigterm(&last.proc.0);
+    assert_eq!(
+        wait_exit(&mut last.proc.0, Duration::from_secs(20)).await,
+        Some(0),
+        "the replica left running did not stop cleanly"
+    );
     Seen {
         out_of_order,
         published: ids.len(),
