@@ -265,6 +265,37 @@ mod tests {
     }
 
     #[test]
+    fn per_record_ordering_adds_the_shards_and_the_parking_log() {
+        let text = crate::config::testing::MINIMAL.replace(
+            "[broker]",
+            "[delivery]\nordering = \"per_record\"\n[broker]\nshards = 3",
+        );
+        let settings = parse_with(&text, &[]).unwrap();
+        let specs = queues(&settings.broker, &settings.retry.schedule, None);
+        let unordered = parse_with(crate::config::testing::MINIMAL, &[]).unwrap();
+        let plain = queues(&unordered.broker, &unordered.retry.schedule, None);
+        // The queues of "none" come first, unchanged: switching needs no migration.
+        assert_eq!(specs.len(), plain.len() + 4);
+        for (a, b) in plain.iter().zip(&specs) {
+            assert_eq!((&a.name, &a.arguments), (&b.name, &b.arguments));
+        }
+        let deliver = &plain[1].arguments;
+        for (n, shard) in specs[plain.len()..plain.len() + 3].iter().enumerate() {
+            assert_eq!(shard.name, format!("courier.deliver.{n}"));
+            let mut expected = deliver.clone();
+            expected.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+            assert_eq!(shard.arguments, expected);
+        }
+        let log = specs.last().unwrap();
+        assert_eq!(log.name, "courier.parking");
+        assert_eq!(
+            log.arguments.inner().get("x-queue-type"),
+            Some(&string("stream"))
+        );
+        assert_eq!(log.arguments.inner().get("x-max-age"), Some(&string("7D")));
+    }
+
+    #[test]
     fn other_queues_do_not_depend_on_the_version() {
         let settings = parse_with(crate::config::testing::MINIMAL, &[]).unwrap();
         let of = |v: &str| {
