@@ -59,6 +59,28 @@ impl Tasks {
     }
 }
 
+/// The prefetch of each consumer: `broker.prefetch`; with per-record ordering, where
+/// a replica consumes every shard, its share of it (at least one full batch), so that the
+/// window of a replica active on every shard stays `broker.prefetch` (docs/ordering.md,
+/// "One replica per shard").
+fn consumer_prefetch(settings: &Settings) -> u16 {
+    let broker = &settings.broker;
+    if !broker.per_record {
+        return broker.prefetch;
+    }
+    let largest = settings
+        .accounts
+        .values()
+        .map(|a| a.batch_size)
+        .max()
+        .unwrap_or(1);
+    let share = broker.prefetch.div_ceil(broker.shards.max(1));
+    let floor = u16::try_from(largest)
+        .unwrap_or(u16::MAX)
+        .min(broker.prefetch);
+    share.max(floor)
+}
+
 /// A consuming connection and what hangs off it.
 pub struct Session {
     connection: Connection,
@@ -86,11 +108,11 @@ impl Session {
             .await
             .map_err(BrokerError::amqp("opening the consume channel"))?;
         channel
-            .basic_qos(broker.prefetch, BasicQosOptions::default())
+            .basic_qos(consumer_prefetch(settings), BasicQosOptions::default())
             .await
             .map_err(BrokerError::amqp("setting prefetch"))?;
         // Per-record ordering: every shard, each with a single active consumer across
-        // the replicas (docs/ordering.md); the prefetch applies to each.
+        // the replicas (docs/ordering.md).
         let queues = if broker.per_record {
             (0..broker.shards).map(|n| broker.shard_queue(n)).collect()
         } else {
@@ -180,5 +202,27 @@ impl Session {
         drop(acks);
         let _ = tokio::time::timeout(brief, ack_task).await;
         let _ = tokio::time::timeout(brief, connection.close(200, "session ended".into())).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::testing::{MINIMAL, parse_with};
+
+    #[test]
+    fn shard_consumers_share_the_prefetch_but_hold_a_full_batch() {
+        let with = |broker: &str, account: &str| {
+            let text = format!("{MINIMAL}{account}").replace(
+                "[broker]",
+                &format!("[delivery]\nordering = \"per_record\"\n[broker]\n{broker}"),
+            );
+            consumer_prefetch(&parse_with(&text, &[]).unwrap())
+        };
+        assert_eq!(with("prefetch = 1000\nshards = 4", ""), 250);
+        assert_eq!(with("prefetch = 1000\nshards = 3", ""), 334);
+        assert_eq!(with("prefetch = 100\nshards = 8", "batch_size = 50\n"), 50);
+        let unordered = parse_with(MINIMAL, &[]).unwrap();
+        assert_eq!(consumer_prefetch(&unordered), unordered.broker.prefetch);
     }
 }
