@@ -1,6 +1,11 @@
 //! The consumer loop: takes deliveries, parses and routes them, accumulates batches, and
 //! hands flushed batches to delivery tasks. It also applies reloads and decides when to
 //! flush (size, bytes, interval, a full window, shutdown; docs/design.md, "Batching").
+//!
+//! With per-record ordering (docs/ordering.md) it consumes the shards: it asks
+//! [`Records`] whether each event is batched, held or parked, hears from settling what
+//! became of each ordered event, and reads a shard's parking log when it receives the
+//! shard's first message (it has just become the shard's active consumer).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
