@@ -17,6 +17,9 @@
 #   slow         8.  courier, batch 200, a receiver that answers BENCH_SLOW_MS late, a
 #                    backlog of BENCH_EVENTS_SLOW: peak RSS
 #   slowsmall    8.  the same with a 10k backlog: memory follows the window, not the backlog
+#   ordered      9.  courier, batch 200, BENCH_EVENTS_ORDERED events, delivery.ordering off
+#                    (ordered_off) then "per_record" (ordered_on, 4 shards): the price of
+#                    per-record ordering (docs/ordering.md)
 # Every courier run gets its own queue prefix and exchange (deleted afterwards), its own
 # admin port and receiver port, and a generated config in target/bench/.
 #
@@ -38,6 +41,7 @@
 #   BENCH_LATENCY_SECONDS [20]  its duration
 #   BENCH_EVENTS_SLOW [200000]  backlog of slow
 #   BENCH_SLOW_MS [200]         the slow receiver's delay per request
+#   BENCH_EVENTS_ORDERED [50000] backlog of each half of ordered
 #   BENCH_PREFETCH []           broker.prefetch for courier and the drain; empty: courier's default
 #   BENCH_SCENARIOS [all]       a subset, e.g. "drain batch200"
 #   BENCH_BUILD [1]             0: use the binaries already in target/release
@@ -67,7 +71,8 @@ LAT_SECONDS="${BENCH_LATENCY_SECONDS:-20}"
 PREFETCH="${BENCH_PREFETCH:-}"
 EVENTS_SLOW="${BENCH_EVENTS_SLOW:-200000}"
 SLOW_MS="${BENCH_SLOW_MS:-200}"
-SCENARIOS="${BENCH_SCENARIOS:-drain drain_multi batch200 batch1 flood many latency small slow slowsmall}"
+EVENTS_ORDERED="${BENCH_EVENTS_ORDERED:-50000}"
+SCENARIOS="${BENCH_SCENARIOS:-drain drain_multi batch200 batch1 flood many latency small slow slowsmall ordered}"
 BUILD="${BENCH_BUILD:-1}"
 SCRAPE="${BENCH_SCRAPE_INTERVAL:-5}"
 PERF="${BENCH_PERF:-}"
@@ -179,6 +184,7 @@ write_config() {
         if [ -n "$PREFETCH" ]; then printf 'prefetch = %s\n' "$PREFETCH"; fi
         printf '\n[delivery]\n# the receiver is on loopback\nallow_private_networks = true\n'
         if [ -n "$concurrency" ]; then printf 'max_concurrency = %s\n' "$concurrency"; fi
+        if [ -n "${ORDERING:-}" ]; then printf 'ordering = "%s"\n' "$ORDERING"; fi
         printf '\n[admin]\nlisten = "127.0.0.1:%s"\n\n[log]\nlevel = "info"\n' "$admin"
         for ((i = 0; i < accounts; i++)); do
             printf -v id 'acct-%04d' "$i"
@@ -452,6 +458,10 @@ for ((run = 1; run <= RUNS; run++)); do
             small) courier_backlog small "$run" "$EVENTS_SMALL" "$ACCOUNTS" 200 1s ;;
             slow) RECEIVER_DELAY_MS=$SLOW_MS courier_backlog slow "$run" "$EVENTS_SLOW" "$ACCOUNTS" 200 1s ;;
             slowsmall) RECEIVER_DELAY_MS=$SLOW_MS courier_backlog slowsmall "$run" "$EVENTS_SMALL" "$ACCOUNTS" 200 1s ;;
+            ordered)
+                courier_backlog ordered_off "$run" "$EVENTS_ORDERED" "$ACCOUNTS" 200 1s
+                ORDERING=per_record courier_backlog ordered_on "$run" "$EVENTS_ORDERED" "$ACCOUNTS" 200 1s
+                ;;
             *) die "unknown scenario $s" ;;
         esac
     done

@@ -54,6 +54,8 @@ pub struct Metrics {
     config_reloads: IntCounterVec,
     /// Events held in open batches.
     buffered_events: IntGauge,
+    /// Per-record ordering: records waiting behind an event in a retry tier.
+    parked_records: IntGauge,
     /// HTTP requests in flight.
     inflight_requests: IntGauge,
     /// 1 while a destination's circuit is open.
@@ -165,6 +167,11 @@ impl Metrics {
                 &["result"],
             ),
             buffered_events: gauge(&r, "courier_buffered_events", "Events held in open batches"),
+            parked_records: gauge(
+                &r,
+                "courier_parked_records",
+                "Records waiting behind an event in a retry tier (per-record ordering)",
+            ),
             inflight_requests: gauge(&r, "courier_inflight_requests", "HTTP requests in flight"),
             circuit_open,
             broker_connected: gauge(
@@ -257,6 +264,10 @@ impl Metrics {
 
     pub fn set_buffered(&self, n: usize) {
         self.buffered_events.set(n as i64);
+    }
+
+    pub fn set_parked_records(&self, n: usize) {
+        self.parked_records.set(n as i64);
     }
 
     pub fn inflight_add(&self, delta: i64) {

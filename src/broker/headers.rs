@@ -29,6 +29,9 @@ pub const LAST_STATUS: &str = "x-courier-last-status";
 pub const DEAD_AT: &str = "x-courier-dead-at";
 /// Scheme, host and port of the destination that failed.
 pub const DESTINATION: &str = "x-courier-destination";
+/// `true` on an event parked behind an earlier event of its record in a retry tier
+/// (docs/ordering.md); for logs and `dlq show`.
+pub const PARKED: &str = "x-courier-parked";
 
 /// Every header name courier writes starts with this.
 pub const PREFIX: &str = "x-courier-";
@@ -48,6 +51,8 @@ pub struct Trail {
     pub last_status: Option<u16>,
     pub dead_at: Option<SystemTime>,
     pub destination: Option<String>,
+    /// Parked behind an earlier event of its record ([`PARKED`]).
+    pub parked: bool,
 }
 
 impl Trail {
@@ -70,6 +75,7 @@ impl Trail {
                 .and_then(|n| u16::try_from(n).ok()),
             dead_at: time(DEAD_AT),
             destination: text(DESTINATION),
+            parked: matches!(headers.get(PARKED), Some(AMQPValue::Boolean(true))),
         }
     }
 
@@ -113,6 +119,9 @@ impl Trail {
         }
         if let Some(d) = &self.destination {
             put(DESTINATION, long_string(d));
+        }
+        if self.parked {
+            put(PARKED, AMQPValue::Boolean(true));
         }
         FieldTable::from(headers)
     }
@@ -231,6 +240,7 @@ mod tests {
             last_status: Some(503),
             dead_at: Some(at(1_700_000_100)),
             destination: Some("https://hooks.example:443".into()),
+            parked: true,
         };
         assert_eq!(Trail::read(Some(&trail.write(None))), trail);
     }

@@ -4,6 +4,7 @@
 
 pub mod acks;
 pub mod headers;
+pub mod parking;
 pub mod publish;
 pub mod topology;
 

@@ -48,6 +48,16 @@ pub fn queues(
     let deliver = broker.deliver_queue();
     let dead_limit =
         dead_letter_limit(version).map(|limit| ("x-delivery-limit", AMQPValue::LongLongInt(limit)));
+    let deliver_args = [
+        (
+            "x-delivery-limit",
+            AMQPValue::LongLongInt(broker.delivery_limit.into()),
+        ),
+        ("x-dead-letter-exchange", string("")),
+        ("x-dead-letter-routing-key", string(&broker.dead_queue())),
+        ("x-dead-letter-strategy", string("at-least-once")),
+        ("x-overflow", string("reject-publish")),
+    ];
     let mut specs = vec![
         QueueSpec {
             name: broker.dead_queue(),
@@ -55,16 +65,7 @@ pub fn queues(
         },
         QueueSpec {
             name: deliver.clone(),
-            arguments: quorum(&[
-                (
-                    "x-delivery-limit",
-                    AMQPValue::LongLongInt(broker.delivery_limit.into()),
-                ),
-                ("x-dead-letter-exchange", string("")),
-                ("x-dead-letter-routing-key", string(&broker.dead_queue())),
-                ("x-dead-letter-strategy", string("at-least-once")),
-                ("x-overflow", string("reject-publish")),
-            ]),
+            arguments: quorum(&deliver_args),
         },
     ];
     for delay in schedule {
@@ -82,8 +83,31 @@ pub fn queues(
             ]),
         });
     }
+    if broker.per_record {
+        // docs/ordering.md: the shards are delivery queues with one active consumer; the
+        // parking log is a stream.
+        let mut shard_args = deliver_args.to_vec();
+        shard_args.push(("x-single-active-consumer", AMQPValue::Boolean(true)));
+        for n in 0..broker.shards {
+            specs.push(QueueSpec {
+                name: broker.shard_queue(n),
+                arguments: quorum(&shard_args),
+            });
+        }
+        let mut log = FieldTable::default();
+        log.insert("x-queue-type".into(), string("stream"));
+        log.insert("x-max-age".into(), string(PARKING_LOG_MAX_AGE));
+        specs.push(QueueSpec {
+            name: broker.parking_queue(),
+            arguments: log,
+        });
+    }
     specs
 }
+
+/// How long the parking log keeps its entries (`x-max-age` of the stream): far longer
+/// than any record waits in the retry tiers (docs/ordering.md, "The parking log").
+pub const PARKING_LOG_MAX_AGE: &str = "7D";
 
 /// Declares the exchange, the queues and the binding for a broker of `version`. A queue
 /// that exists with other arguments is a [`BrokerError::QueueMismatch`] naming the queue
@@ -238,6 +262,37 @@ mod tests {
         assert_eq!(dead_queue_limit("4.0.5"), Some(AMQPValue::LongLongInt(-1)));
         assert_eq!(dead_queue_limit("4.3.0"), Some(AMQPValue::LongLongInt(-1)));
         assert_eq!(dead_queue_limit("unknown"), None);
+    }
+
+    #[test]
+    fn per_record_ordering_adds_the_shards_and_the_parking_log() {
+        let text = crate::config::testing::MINIMAL.replace(
+            "[broker]",
+            "[delivery]\nordering = \"per_record\"\n[broker]\nshards = 3",
+        );
+        let settings = parse_with(&text, &[]).unwrap();
+        let specs = queues(&settings.broker, &settings.retry.schedule, None);
+        let unordered = parse_with(crate::config::testing::MINIMAL, &[]).unwrap();
+        let plain = queues(&unordered.broker, &unordered.retry.schedule, None);
+        // The queues of "none" come first, unchanged: switching needs no migration.
+        assert_eq!(specs.len(), plain.len() + 4);
+        for (a, b) in plain.iter().zip(&specs) {
+            assert_eq!((&a.name, &a.arguments), (&b.name, &b.arguments));
+        }
+        let deliver = &plain[1].arguments;
+        for (n, shard) in specs[plain.len()..plain.len() + 3].iter().enumerate() {
+            assert_eq!(shard.name, format!("courier.deliver.{n}"));
+            let mut expected = deliver.clone();
+            expected.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+            assert_eq!(shard.arguments, expected);
+        }
+        let log = specs.last().unwrap();
+        assert_eq!(log.name, "courier.parking");
+        assert_eq!(
+            log.arguments.inner().get("x-queue-type"),
+            Some(&string("stream"))
+        );
+        assert_eq!(log.arguments.inner().get("x-max-age"), Some(&string("7D")));
     }
 
     #[test]

@@ -40,6 +40,19 @@ pub fn check_summary(settings: &Settings) -> String {
         b.dead_queue(),
         tiers.join(", ")
     ));
+    out.push_str(&if b.per_record {
+        format!(
+            "ordering: per_record: {} routes to {} shard queues {}..{}, parking log {} \
+             (docs/ordering.md)\n",
+            b.deliver_queue(),
+            b.shards,
+            b.shard_queue(0),
+            b.shard_queue(b.shards - 1),
+            b.parking_queue()
+        )
+    } else {
+        "ordering: none (no order across batches, retries or replicas)\n".to_owned()
+    });
     out.push_str(&format!(
         "admin: http://{}/metrics\n",
         settings.admin.listen

@@ -113,8 +113,8 @@ pub struct Settings {
 /// Each of these sections is compared whole, by its derived equality, so a key added to
 /// one of them needs a restart too without anyone remembering to list it here: it is
 /// then named by its section. `delivery.ordering` needs a restart as well
-/// (docs/configuration.md); this release accepts only `"none"`, so there is nothing to
-/// compare yet: a typed ordering setting belongs in this list.
+/// (docs/configuration.md): the broker section mirrors it, since it changes the
+/// topology.
 pub fn restart_only_change(old: &Settings, new: &Settings) -> Option<&'static str> {
     let (b, nb) = (&old.broker, &new.broker);
     let sections = [
@@ -130,6 +130,7 @@ pub fn restart_only_change(old: &Settings, new: &Settings) -> Option<&'static st
                     b.prefetch == nb.prefetch && b.prefetch_set == nb.prefetch_set,
                 ),
                 ("broker.shards", b.shards == nb.shards),
+                ("delivery.ordering", b.per_record == nb.per_record),
                 (
                     "broker.max_event_bytes",
                     b.max_event_bytes == nb.max_event_bytes,
@@ -193,6 +194,9 @@ pub struct BrokerSettings {
     /// `prefetch` was set in the file.
     pub prefetch_set: bool,
     pub shards: u16,
+    /// `delivery.ordering = "per_record"`: the topology then has the shard queues and
+    /// the parking log, and the worker consumes the shards (docs/ordering.md).
+    pub per_record: bool,
     pub max_event_bytes: usize,
     pub delivery_limit: u32,
     /// TLS to `amqps` nodes; every URL of `urls` carries it too.
@@ -216,6 +220,16 @@ impl BrokerSettings {
     /// The dead-letter queue, e.g. `courier.dead`.
     pub fn dead_queue(&self) -> String {
         format!("{}.dead", self.queue_prefix)
+    }
+
+    /// Shard queue `n` of per-record ordering, e.g. `courier.deliver.3`.
+    pub fn shard_queue(&self, n: u16) -> String {
+        format!("{}.deliver.{n}", self.queue_prefix)
+    }
+
+    /// The parking log of per-record ordering, a stream: `courier.parking`.
+    pub fn parking_queue(&self) -> String {
+        format!("{}.parking", self.queue_prefix)
     }
 
     /// The retry queue of one schedule delay, e.g. `courier.retry.30s`.
@@ -289,6 +303,20 @@ pub struct DeliverySettings {
     pub allow_private_networks: bool,
     /// CA certificates trusted for receivers besides the system's (`ca_file`).
     pub ca: Option<CaFile>,
+    /// Whether events of one record are delivered in order (docs/ordering.md). Needs a
+    /// restart to change.
+    pub ordering: Ordering,
+}
+
+/// `delivery.ordering`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ordering {
+    /// No order across batches, retries or replicas.
+    #[default]
+    None,
+    /// Events of one record (account, type, `record_id`) in publish order, through
+    /// sharded queues (docs/ordering.md).
+    PerRecord,
 }
 
 /// `[retry]`. Reloadable.
@@ -475,6 +503,7 @@ mod tests {
             ("admin", "listen = \"127.0.0.1:9465\"", "admin.listen"),
             ("log", "level = \"debug\"", "log.level"),
             ("log", "format = \"json\"", "log.format"),
+            ("delivery", "ordering = \"per_record\"", "delivery.ordering"),
         ];
         for (section, line, refused) in changes {
             let new = with(section, line);

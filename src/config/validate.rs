@@ -14,7 +14,7 @@ use super::raw::{
 };
 use super::{
     AdminSettings, BrokerSettings, BrokerTls, BrokerUrl, CircuitSettings, ConfigError,
-    DeliverySettings, HOLD_CAP, LogSettings, RetrySettings, Settings, account, tls,
+    DeliverySettings, HOLD_CAP, LogSettings, Ordering, RetrySettings, Settings, account, tls,
 };
 
 /// Turns the raw file into settings; the first error found is returned.
@@ -26,6 +26,7 @@ pub(super) fn settings(
     let shutdown_timeout = v.duration("shutdown_timeout", None, &raw.shutdown_timeout)?;
     let mut broker = broker(v, raw.broker, env)?;
     let delivery = delivery(v, raw.delivery, broker.max_event_bytes)?;
+    broker.per_record = delivery.ordering == Ordering::PerRecord;
     let retry = retry(v, raw.retry)?;
     let circuit = circuit(v, raw.circuit)?;
     let admin = admin(v, raw.admin, env)?;
@@ -98,6 +99,7 @@ fn broker(
         },
         prefetch_set: raw.prefetch.is_some(),
         shards: v.int("broker.shards", None, raw.shards, 1..=1024)?,
+        per_record: false, // from delivery.ordering, once it is read
         max_event_bytes: v.int(
             "broker.max_event_bytes",
             None,
@@ -119,15 +121,9 @@ fn delivery(
     raw: RawDelivery,
     max_event_bytes: usize,
 ) -> Result<DeliverySettings, ConfigError> {
-    match raw.ordering.as_str() {
-        "none" => {}
-        "per_record" => {
-            return Err(v.err(
-                "delivery.ordering",
-                None,
-                "\"per_record\" is not supported yet",
-            ));
-        }
+    let ordering = match raw.ordering.as_str() {
+        "none" => Ordering::None,
+        "per_record" => Ordering::PerRecord,
         _ => {
             return Err(v.err(
                 "delivery.ordering",
@@ -135,7 +131,7 @@ fn delivery(
                 "must be \"none\" or \"per_record\"",
             ));
         }
-    }
+    };
     let ca = tls::ca_file(v, "delivery.ca_file", raw.ca_file.as_deref())?;
     let max_body_bytes = v.int(
         "delivery.max_body_bytes",
@@ -169,6 +165,7 @@ fn delivery(
         max_body_bytes,
         allow_private_networks: raw.allow_private_networks,
         ca,
+        ordering,
     })
 }
 
@@ -599,8 +596,8 @@ mod tests {
         let unknown = error_of(&format!("[delivery]\nspeed = 1\n{MINIMAL}"));
         assert_eq!(unknown.key, "delivery.speed");
         assert!(unknown.message.contains("unknown key"), "{unknown}");
-        let ordering = error_of(&format!("[delivery]\nordering = \"per_record\"\n{MINIMAL}"));
-        assert!(ordering.message.contains("not supported yet"));
+        let ordering = error_of(&format!("[delivery]\nordering = \"sorted\"\n{MINIMAL}"));
+        assert_eq!(ordering.key, "delivery.ordering");
         let prefetch = error_of(&format!(
             "{}\nbatch_size = 50\n",
             MINIMAL.replace("[broker]", "[broker]\nprefetch = 10")

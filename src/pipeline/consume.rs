@@ -1,25 +1,32 @@
 //! The consumer loop: takes deliveries, parses and routes them, accumulates batches, and
 //! hands flushed batches to delivery tasks. It also applies reloads and decides when to
 //! flush (size, bytes, interval, a full window, shutdown; docs/design.md, "Batching").
+//!
+//! With per-record ordering (docs/ordering.md) it consumes the shards: it asks
+//! [`Records`] whether each event is batched, held or parked, hears from settling what
+//! became of each ordered event, and reads a shard's parking log when it receives the
+//! shard's first message (it has just become the shard's active consumer).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Key;
 use super::batch::{Accumulator, FlushReason, Flushed, Limits};
 use super::deliver::{self, Batch, Context};
+use super::order::{Admit, RecordKey, Records, shard_of};
 use super::reload::{self, Live};
 use super::session::Session;
-use super::settle::{DeadLetter, Pending, UNKNOWN_ACCOUNT};
+use super::settle::{DeadLetter, OrderTag, Pending, Resolved, UNKNOWN_ACCOUNT};
 use super::warnings::{Kind, Warnings};
 use crate::broker::headers::Trail;
+use crate::broker::parking::{self, Op, ParkingLog};
 use crate::config::{Account, Settings};
 use crate::event;
 
@@ -46,6 +53,46 @@ pub enum Ended {
 type Open = Accumulator<Key, (Arc<Live>, Arc<Account>), Pending>;
 type Flush = Flushed<Key, (Arc<Live>, Arc<Account>), Pending>;
 
+/// A routed event on its way into a batch.
+type Routed = (Key, Arc<Account>, Pending);
+
+/// Per-record ordering in one session (docs/ordering.md).
+pub struct Ordered {
+    records: Records<Routed>,
+    /// What became of the events of ordered batches.
+    resolved: mpsc::UnboundedReceiver<Resolved>,
+    /// Followers to park, in order: one task republishes them one after the other.
+    parks: Option<mpsc::UnboundedSender<(Pending, Duration)>>,
+    /// Shards whose parking log was read in this session.
+    active: HashSet<u16>,
+    log: ParkingLog,
+}
+
+impl Ordered {
+    pub fn new(resolved: mpsc::UnboundedReceiver<Resolved>, log: ParkingLog) -> Self {
+        Self {
+            records: Records::default(),
+            resolved,
+            parks: None,
+            active: HashSet::new(),
+            log,
+        }
+    }
+}
+
+/// How far back the parking log is read: the longest a record can wait in the tiers
+/// (`retry.max_age` and the largest tier) and an hour.
+fn log_horizon(settings: &Settings) -> Duration {
+    let largest = settings
+        .retry
+        .schedule
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or_default();
+    settings.retry.max_age + largest + Duration::from_secs(3600)
+}
+
 /// Consumes `session` until shutdown or until the connection is lost. On shutdown every
 /// open batch is flushed; on a lost connection they are dropped with their channel (the
 /// broker redelivers them).
@@ -54,10 +101,27 @@ pub async fn consume(
     session: &mut Session,
     cx: &Arc<Context>,
     shutdown: &CancellationToken,
+    mut ordered: Option<Ordered>,
 ) -> Ended {
     let prefetch = intake.live.settings.broker.prefetch as usize;
     let mut open = Open::default();
+    if let Some(o) = ordered.as_mut() {
+        let (parks, mut queue) = mpsc::unbounded_channel::<(Pending, Duration)>();
+        let settle = cx.settle.clone();
+        cx.tasks.spawn(async move {
+            while let Some((item, tier)) = queue.recv().await {
+                settle.park(item, tier).await;
+            }
+        });
+        o.parks = Some(parks);
+    }
     let ended = loop {
+        let resolved = async {
+            match ordered.as_mut() {
+                Some(o) => o.resolved.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         let deadline = [open.next_deadline(), intake.warnings.next_deadline()]
             .into_iter()
             .flatten()
@@ -79,6 +143,14 @@ pub async fn consume(
                 break Ended::Shutdown { flushed };
             }
             Ok(()) = intake.reloads.changed() => reloaded(intake, cx),
+            Some(resolved) = resolved => {
+                let o = ordered.as_mut().expect("only ordered batches resolve");
+                let now = SystemTime::now();
+                for routed in o.records.resolve(&resolved.record, &resolved.id, resolved.fate, now) {
+                    admit(intake, &mut open, cx, o, routed);
+                }
+                cx.shared.metrics.set_parked_records(o.records.parked());
+            }
             _ = due => {
                 let now = Instant::now();
                 open.expired(now, |f| dispatch(cx, &mut intake.destinations, f));
@@ -91,7 +163,22 @@ pub async fn consume(
                     None => break Ended::Lost("the consumer was cancelled".into()),
                 };
                 session.window.fetch_add(1, Ordering::SeqCst);
-                accept(intake, &mut open, cx, delivery);
+                match ordered.as_mut() {
+                    Some(o) => {
+                        let broker = &intake.live.settings.broker;
+                        let shard = shard_of_queue(delivery.routing_key.as_str(), broker);
+                        if let Some(shard) = shard
+                            && o.active.insert(shard)
+                        {
+                            let horizon = log_horizon(&intake.live.settings);
+                            rebuild(o, session, shard, horizon).await;
+                        }
+                        if let Some(routed) = route(&intake.live, cx, &mut intake.warnings, delivery) {
+                            admit(intake, &mut open, cx, o, routed);
+                        }
+                    }
+                    None => accept(intake, &mut open, cx, delivery),
+                }
                 let window = session.window.load(Ordering::SeqCst);
                 window_flush(intake, &mut open, cx, window, session.acks.low(), prefetch);
             }
@@ -227,9 +314,20 @@ fn accept(
         warnings,
         ..
     } = intake;
-    let Some((key, account, pending)) = route(live, cx, warnings, delivery) else {
+    let Some(routed) = route(live, cx, warnings, delivery) else {
         return;
     };
+    batch_in(live, destinations, open, cx, routed);
+}
+
+/// Puts a routed event into its open batch.
+fn batch_in(
+    live: &Arc<Live>,
+    destinations: &mut HashMap<Key, Arc<Semaphore>>,
+    open: &mut Open,
+    cx: &Arc<Context>,
+    (key, account, pending): Routed,
+) {
     let limits = Limits {
         batch_size: account.batch_size,
         max_body_bytes: live.settings.delivery.max_body_bytes,
@@ -240,6 +338,92 @@ fn accept(
     open.push(&key, pending, len, Instant::now(), ctx, |f| {
         dispatch(cx, destinations, f)
     });
+}
+
+/// Per-record ordering: batches an event, holds it, or parks it behind its record's head
+/// ([`Records::admit`]).
+fn admit(
+    intake: &mut Intake,
+    open: &mut Open,
+    cx: &Arc<Context>,
+    o: &mut Ordered,
+    mut routed: Routed,
+) {
+    let tag = routed
+        .2
+        .order
+        .as_mut()
+        .expect("events of a shard carry their record");
+    let (admit, dropped) = o
+        .records
+        .admit(tag.shard, &tag.record, &routed.2.id, SystemTime::now());
+    for id in dropped {
+        tracing::warn!(shard = tag.shard, account = %tag.record.account, r#type = %tag.record.kind, %id, "a parked event did not come back in time; its record goes on without waiting for it");
+    }
+    match admit {
+        Admit::Batch { head } => {
+            tag.head = head;
+            batch_in(&intake.live, &mut intake.destinations, open, cx, routed);
+        }
+        Admit::Hold => {
+            let record = tag.record.clone();
+            o.records.hold(record, routed);
+        }
+        Admit::Park { tier, .. } => {
+            if let Some(parks) = &o.parks {
+                let _ = parks.send((routed.2, tier));
+            }
+        }
+    }
+    cx.shared.metrics.set_parked_records(o.records.parked());
+}
+
+/// Reads `shard`'s parking log when this session receives its first event from it: the
+/// replica has just become its active consumer (docs/ordering.md, "The parking log").
+async fn rebuild(o: &mut Ordered, session: &Session, shard: u16, horizon: Duration) {
+    let since = SystemTime::now() - horizon;
+    let limit = Duration::from_secs(60);
+    let entries = match o
+        .log
+        .read_shard(session.connection(), shard, since, limit)
+        .await
+    {
+        Ok(entries) => entries,
+        Err(e) => {
+            tracing::warn!(error = %e, shard, "cannot read the parking log; going on with no record parked on this shard");
+            Vec::new()
+        }
+    };
+    let ops = entries.iter().filter_map(|e| {
+        let record = RecordKey {
+            account: e.account.clone(),
+            kind: event::RecordType::parse(&e.kind)?,
+            record_id: e.record_id.clone(),
+        };
+        Some(match e.op {
+            Op::Park => super::order::LogOp::Park {
+                record,
+                id: &e.id,
+                tier: Duration::from_millis(e.tier_ms),
+                at: parking::time(e.at),
+            },
+            Op::Release => super::order::LogOp::Release { record, id: &e.id },
+            Op::Marker => return None,
+        })
+    });
+    o.records.rebuild(shard, ops);
+    tracing::info!(
+        shard,
+        entries = entries.len(),
+        parked = o.records.parked(),
+        "active on a shard; parked records read from the parking log"
+    );
+}
+
+/// The shard of a delivery, from the shard queue it came from.
+fn shard_of_queue(routing_key: &str, broker: &crate::config::BrokerSettings) -> Option<u16> {
+    let prefix = format!("{}.deliver.", broker.queue_prefix);
+    routing_key.strip_prefix(&prefix)?.parse().ok()
 }
 
 /// Starts the delivery task of a flushed batch.
@@ -276,6 +460,7 @@ fn route(
     let lapin::message::Delivery {
         delivery_tag: tag,
         exchange,
+        routing_key,
         data,
         properties,
         ..
@@ -288,6 +473,7 @@ fn route(
             e.account.into_owned(),
             e.kind,
             e.occurred_at,
+            e.record_id.into_owned(),
         )
     });
     // Read before the body moves into its `Pending`, and only for an invalid event.
@@ -301,8 +487,9 @@ fn route(
         properties,
         trail,
         tag,
+        order: None,
     };
-    let (id, account_id, kind, occurred_at) = match parsed {
+    let (id, account_id, kind, occurred_at, record_id) = match parsed {
         Ok(parsed) => parsed,
         Err(invalid) => {
             // What a warning about an invalid event may show of it.
@@ -335,6 +522,21 @@ fn route(
             .event_skipped(&account.id, kind, "contacts_disabled");
         cx.settle.skipped(item);
         return None;
+    }
+    let mut item = item;
+    if settings.broker.per_record {
+        let broker = &settings.broker;
+        let shard = shard_of_queue(routing_key.as_str(), broker)
+            .unwrap_or_else(|| shard_of(&account.id, kind.as_str(), &record_id, broker.shards));
+        item.order = Some(OrderTag {
+            shard,
+            record: RecordKey {
+                account: account.id.to_string(),
+                kind,
+                record_id,
+            },
+            head: false,
+        });
     }
     Some(((account.id.clone(), kind), account.clone(), item))
 }

@@ -306,7 +306,7 @@ impl Context {
                         .delivery_lag(kind, now.duration_since(item.lag_from).unwrap_or_default());
                 }
                 metrics.events_delivered(&account.id, kind, items.len());
-                self.settle.delivered(items);
+                self.settle.delivered(items).await;
             }
             Step::Split { status } => {
                 // Isolate the rejected events: each half is a batch of its own.
@@ -323,7 +323,12 @@ impl Context {
                         items: half,
                         destination: slots.clone(),
                     };
-                    spawn(self, batch);
+                    if self.settle.is_ordered() {
+                        // Per-record ordering: the first half first (docs/ordering.md).
+                        Box::pin(deliver(self.clone(), batch)).await;
+                    } else {
+                        spawn(self, batch);
+                    }
                 }
             }
             Step::Reject { status } => {

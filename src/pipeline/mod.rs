@@ -15,6 +15,9 @@
 //! - [`deliver`]: the delivery task, which carries out decisions;
 //! - [`decide`]: the retry policy, pure and table-tested;
 //! - [`settle`]: the only code that acks, nacks and republishes;
+//! - [`order`] and [`router`]: per-record ordering, when configured (docs/ordering.md):
+//!   which record waits for which event, and the router from the intake queue to the
+//!   shards;
 //! - [`reload`]: what a new configuration file changes;
 //! - [`warnings`]: warnings about bad input, summarised.
 //!
@@ -25,7 +28,9 @@ pub mod batch;
 mod consume;
 pub mod decide;
 mod deliver;
+pub mod order;
 mod reload;
+pub mod router;
 mod session;
 pub mod settle;
 mod warnings;
@@ -40,6 +45,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin;
+use crate::broker::parking::ParkingLog;
 use crate::broker::{BrokerError, Publisher};
 use crate::config::Settings;
 use crate::event::RecordType;
@@ -47,7 +53,7 @@ use crate::metrics::Metrics;
 use consume::{Ended, Intake};
 use deliver::{Context, Deliveries};
 use session::Session;
-use settle::Settler;
+use settle::{Ordered, Settler};
 
 use reload::Live;
 pub use reload::Reloader;
@@ -158,6 +164,10 @@ impl Worker {
         let summaries = tokio::spawn(log_dead_summaries(shared.clone(), summaries_stop.clone()));
         let mut reconnect = reconnect_backoff();
         let mut first = true;
+        let log = ParkingLog::new(publisher.clone(), broker.parking_queue());
+        // Per-record ordering: the router runs beside the sessions, on its own connection.
+        let router_stop = CancellationToken::new();
+        let mut router = None;
         loop {
             let settings = intake.live.settings.clone();
             let opened = tokio::select! {
@@ -188,7 +198,26 @@ impl Worker {
             reconnect = reconnect_backoff();
             self.metrics.set_broker_connected(true);
             self.set_ready(true);
-            tracing::info!(queue = %broker.deliver_queue(), prefetch = broker.prefetch, "consuming");
+            if broker.per_record && router.is_none() {
+                router = Some(tokio::spawn(router::run(
+                    broker.clone(),
+                    router_stop.clone(),
+                )));
+            }
+            let ordered = broker.per_record.then(|| {
+                let (resolved, rx) = tokio::sync::mpsc::unbounded_channel();
+                let link = Arc::new(Ordered {
+                    resolved,
+                    log: log.clone(),
+                });
+                (link, consume::Ordered::new(rx, log.clone()))
+            });
+            let (link, ordered) = ordered.unzip();
+            if broker.per_record {
+                tracing::info!(shards = broker.shards, prefix = %broker.queue_prefix, prefetch = broker.prefetch, "consuming the shards (per-record ordering)");
+            } else {
+                tracing::info!(queue = %broker.deliver_queue(), prefetch = broker.prefetch, "consuming");
+            }
             let cx = Arc::new(Context {
                 shared: shared.clone(),
                 settle: Settler::new(
@@ -197,14 +226,16 @@ impl Worker {
                     broker.clone(),
                     self.metrics.clone(),
                     session.tasks.token(),
+                    link,
                 ),
                 tasks: session.tasks.clone(),
             });
-            let ended = consume::consume(&mut intake, &mut session, &cx, &shutdown).await;
+            let ended = consume::consume(&mut intake, &mut session, &cx, &shutdown, ordered).await;
             drop(cx);
             self.set_ready(false);
             match ended {
                 Ended::Shutdown { flushed } => {
+                    router_stop.cancel();
                     let left = session
                         .shut_down(intake.live.settings.shutdown_timeout)
                         .await;
@@ -223,6 +254,10 @@ impl Worker {
             }
         }
         self.metrics.set_broker_connected(false);
+        router_stop.cancel();
+        if let Some(router) = router {
+            let _ = router.await;
+        }
         publisher.close().await;
         summaries_stop.cancel();
         let _ = summaries.await;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
+use futures_util::stream::SelectAll;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
@@ -58,13 +59,36 @@ impl Tasks {
     }
 }
 
+/// The prefetch of each consumer: `broker.prefetch`; with per-record ordering, where
+/// a replica consumes every shard, its share of it (at least one full batch), so that the
+/// window of a replica active on every shard stays `broker.prefetch` (docs/ordering.md,
+/// "One replica per shard").
+fn consumer_prefetch(settings: &Settings) -> u16 {
+    let broker = &settings.broker;
+    if !broker.per_record {
+        return broker.prefetch;
+    }
+    let largest = settings
+        .accounts
+        .values()
+        .map(|a| a.batch_size)
+        .max()
+        .unwrap_or(1);
+    let share = broker.prefetch.div_ceil(broker.shards.max(1));
+    let floor = u16::try_from(largest)
+        .unwrap_or(u16::MAX)
+        .min(broker.prefetch);
+    share.max(floor)
+}
+
 /// A consuming connection and what hangs off it.
 pub struct Session {
     connection: Connection,
     channel: Channel,
-    tag: String,
-    /// The deliveries; the consumer loop takes them.
-    pub consumer: Consumer,
+    tags: Vec<String>,
+    /// The deliveries (of every shard, with per-record ordering); the consumer loop
+    /// takes them.
+    pub consumer: SelectAll<Consumer>,
     /// Messages the broker holds unacknowledged for this channel. Each session has its
     /// own, so late settlements of a dead channel never skew a new one.
     pub window: Arc<AtomicUsize>,
@@ -84,26 +108,38 @@ impl Session {
             .await
             .map_err(BrokerError::amqp("opening the consume channel"))?;
         channel
-            .basic_qos(broker.prefetch, BasicQosOptions::default())
+            .basic_qos(consumer_prefetch(settings), BasicQosOptions::default())
             .await
             .map_err(BrokerError::amqp("setting prefetch"))?;
-        let tag = format!("courier-{}", std::process::id());
-        let queue = broker.deliver_queue();
-        let consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(BrokerError::amqp(format!("consuming from {queue}")))?;
+        // Per-record ordering: every shard, each with a single active consumer across
+        // the replicas (docs/ordering.md).
+        let queues = if broker.per_record {
+            (0..broker.shards).map(|n| broker.shard_queue(n)).collect()
+        } else {
+            vec![broker.deliver_queue()]
+        };
+        let mut tags = Vec::new();
+        let mut consumer = SelectAll::new();
+        for queue in queues {
+            let tag = format!("courier-{}-{queue}", std::process::id());
+            let consumed = channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(BrokerError::amqp(format!("consuming from {queue}")))?;
+            consumer.push(consumed);
+            tags.push(tag);
+        }
         let window = Arc::new(AtomicUsize::new(0));
         let (acks, ack_task) = Acks::spawn(channel.clone(), broker.prefetch, window.clone());
         Ok(Self {
             connection,
             channel,
-            tag,
+            tags,
             consumer,
             window,
             acks,
@@ -118,10 +154,12 @@ impl Session {
     /// the broker to redeliver.
     pub async fn shut_down(self, grace: Duration) -> usize {
         let brief = Duration::from_secs(5);
-        let cancel = self
-            .channel
-            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default());
-        let _ = tokio::time::timeout(brief, cancel).await;
+        for tag in &self.tags {
+            let cancel = self
+                .channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+            let _ = tokio::time::timeout(brief, cancel).await;
+        }
         // What is settled already is acknowledged now, not behind the watermark of what
         // is still in flight: the grace gives the broker time to take those acks.
         self.acks.flush();
@@ -139,6 +177,11 @@ impl Session {
         let window = self.window.clone();
         self.end(brief).await;
         window.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The consuming connection (the parking log is read on it).
+    pub fn connection(&self) -> &Connection {
+        &self.connection
     }
 
     /// Ends a session whose connection was lost: its tasks stop at once.
@@ -162,10 +205,31 @@ impl Session {
         // settled, then ends.
         drop(acks);
         let _ = tokio::time::timeout(brief, ack_task).await;
-        // The broker answers a channel's close after every frame sent on it before: once
-        // it has, the last acks are taken (a connection closed at once could lose them,
-        // and their messages would be delivered again).
+        // The broker answers a channel's close after its channel has read every ack sent
+        // before it (the ack task's last pause covers the queues' side).
         let _ = tokio::time::timeout(brief, channel.close(200, "session ended".into())).await;
         let _ = tokio::time::timeout(brief, connection.close(200, "session ended".into())).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::testing::{MINIMAL, parse_with};
+
+    #[test]
+    fn shard_consumers_share_the_prefetch_but_hold_a_full_batch() {
+        let with = |broker: &str, account: &str| {
+            let text = format!("{MINIMAL}{account}").replace(
+                "[broker]",
+                &format!("[delivery]\nordering = \"per_record\"\n[broker]\n{broker}"),
+            );
+            consumer_prefetch(&parse_with(&text, &[]).unwrap())
+        };
+        assert_eq!(with("prefetch = 1000\nshards = 4", ""), 250);
+        assert_eq!(with("prefetch = 1000\nshards = 3", ""), 334);
+        assert_eq!(with("prefetch = 100\nshards = 8", "batch_size = 50\n"), 50);
+        let unordered = parse_with(MINIMAL, &[]).unwrap();
+        assert_eq!(consumer_prefetch(&unordered), unordered.broker.prefetch);
     }
 }

@@ -16,10 +16,14 @@ use lapin::BasicProperties;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use tokio::sync::mpsc;
+
 use super::decide::{Failure, MAX_HOLD, Next, next_tier};
+use super::order::{Fate, RecordKey};
 use crate::broker::Publisher;
 use crate::broker::acks::Acks;
 use crate::broker::headers::{Trail, republish_properties};
+use crate::broker::parking::{self, Entry, Op, ParkingLog};
 use crate::broker::publish::PUBLISH_TIMEOUT;
 use crate::config::{BrokerSettings, RetrySettings};
 use crate::event::RecordType;
@@ -40,6 +44,32 @@ pub struct Pending {
     pub trail: Trail,
     /// The delivery tag on its channel.
     pub tag: u64,
+    /// Its record and shard, with per-record ordering.
+    pub order: Option<OrderTag>,
+}
+
+/// Where an event stands in per-record ordering (docs/ordering.md).
+#[derive(Debug, Clone)]
+pub struct OrderTag {
+    pub shard: u16,
+    pub record: RecordKey,
+    /// It is the head of its parked record: its delivery releases the next.
+    pub head: bool,
+}
+
+/// What became of an event of an ordered batch, for the consumer loop.
+#[derive(Debug)]
+pub struct Resolved {
+    pub record: RecordKey,
+    pub id: String,
+    pub fate: Fate,
+}
+
+/// What settling needs for per-record ordering: where to report fates, and the parking
+/// log, written before each park or release is acknowledged.
+pub struct Ordered {
+    pub resolved: mpsc::UnboundedSender<Resolved>,
+    pub log: ParkingLog,
 }
 
 /// Where the events of a batch went when they left the immediate stage.
@@ -94,6 +124,8 @@ pub struct Settler {
     metrics: Arc<Metrics>,
     /// Cancelled when the session ends.
     session: CancellationToken,
+    /// With per-record ordering.
+    ordered: Option<Arc<Ordered>>,
 }
 
 impl Settler {
@@ -103,6 +135,7 @@ impl Settler {
         broker: Arc<BrokerSettings>,
         metrics: Arc<Metrics>,
         session: CancellationToken,
+        ordered: Option<Arc<Ordered>>,
     ) -> Self {
         Self {
             acks,
@@ -110,12 +143,75 @@ impl Settler {
             broker,
             metrics,
             session,
+            ordered,
         }
     }
 
-    /// Acknowledges events delivered with a 2xx.
-    pub fn delivered(&self, items: Vec<Pending>) {
+    /// Whether events keep their order per record.
+    pub fn is_ordered(&self) -> bool {
+        self.ordered.is_some()
+    }
+
+    /// Acknowledges events delivered with a 2xx (after logging the release of those that
+    /// headed a parked record).
+    pub async fn delivered(&self, items: Vec<Pending>) {
+        for item in items
+            .iter()
+            .filter(|i| i.order.as_ref().is_some_and(|o| o.head))
+        {
+            self.log(item, Op::Release, None).await;
+        }
         self.ack(items.iter().map(|item| item.tag).collect());
+        for item in &items {
+            self.report(item, Fate::Done);
+        }
+    }
+
+    /// Tells the consumer loop what became of an ordered event.
+    fn report(&self, item: &Pending, fate: Fate) {
+        if let (Some(ordered), Some(tag)) = (&self.ordered, &item.order) {
+            let _ = ordered.resolved.send(Resolved {
+                record: tag.record.clone(),
+                id: item.id.clone(),
+                fate,
+            });
+        }
+    }
+
+    /// Appends a park or release of an ordered event to the parking log. A failure is
+    /// logged and the settlement goes on: the record's order holds in this replica, and
+    /// one that takes the shard over waits at most until the overdue limit for the event
+    /// (docs/ordering.md, "The parking log").
+    async fn log(&self, item: &Pending, op: Op, tier: Option<Duration>) {
+        let (Some(ordered), Some(tag)) = (&self.ordered, &item.order) else {
+            return;
+        };
+        let entry = Entry {
+            shard: tag.shard,
+            op,
+            id: item.id.clone(),
+            account: tag.record.account.clone(),
+            kind: tag.record.kind.as_str().to_owned(),
+            record_id: tag.record.record_id.clone(),
+            tier_ms: tier.map_or(0, |t| t.as_millis() as u64),
+            at: parking::millis(SystemTime::now()),
+        };
+        if let Err(e) = ordered.log.append(&entry).await {
+            tracing::warn!(error = %e, shard = tag.shard, id = %item.id, ?op, "cannot append to the parking log");
+        }
+    }
+
+    /// Parks an event behind the head of its record: republishes it to the head's tier
+    /// with its own trail, marked parked, then acks it. Returns whether it was parked.
+    pub async fn park(&self, item: Pending, tier: Duration) -> bool {
+        let trail = Trail {
+            first_seen: Some(item.first_seen),
+            parked: true,
+            ..item.trail.clone()
+        };
+        let queue = self.broker.retry_queue(tier);
+        self.republish(item, &queue, &trail, Some((Op::Park, tier)))
+            .await
     }
 
     /// Acknowledges an event the account chose not to receive.
@@ -180,10 +276,14 @@ impl Settler {
                         last_error: Some(failure.error.clone()),
                         ..Trail::default()
                     };
-                    let queue = self.broker.retry_queue(retry.schedule[index]);
-                    if self.republish(item, &queue, &trail).await {
+                    let delay = retry.schedule[index];
+                    let queue = self.broker.retry_queue(delay);
+                    if self
+                        .republish(item, &queue, &trail, Some((Op::Park, delay)))
+                        .await
+                    {
                         self.metrics.events_retried(account, kind, "scheduled", 1);
-                        return Went::Tier(retry.schedule[index]);
+                        return Went::Tier(delay);
                     }
                 }
             }
@@ -214,9 +314,15 @@ impl Settler {
             last_status: dead.status,
             dead_at: Some(now),
             destination: dead.destination.clone(),
+            parked: false,
         };
+        let release = item
+            .order
+            .as_ref()
+            .is_some_and(|o| o.head)
+            .then_some((Op::Release, Duration::ZERO));
         let published = self
-            .republish(item, &self.broker.dead_queue(), &trail)
+            .republish(item, &self.broker.dead_queue(), &trail, release)
             .await;
         if published {
             self.metrics
@@ -230,7 +336,17 @@ impl Settler {
     /// and never past the message's hold limit (a broker blocking publishers holds one
     /// publish until then); only then does the original go back to the queue (nack with
     /// requeue), so nothing is lost. Returns whether it was published.
-    async fn republish(&self, item: Pending, queue: &str, trail: &Trail) -> bool {
+    ///
+    /// With per-record ordering, `log` is appended to the parking log between the publish
+    /// and the ack, and the consumer loop is told where the event went (a parked
+    /// follower's place is the loop's own already).
+    async fn republish(
+        &self,
+        item: Pending,
+        queue: &str,
+        trail: &Trail,
+        log: Option<(Op, Duration)>,
+    ) -> bool {
         if self.session.is_cancelled() {
             return false;
         }
@@ -257,6 +373,18 @@ impl Settler {
         if self.session.is_cancelled() {
             // The channel of the original is gone: the broker returns it.
             return published.is_ok();
+        }
+        let fate = match (&published, log) {
+            (Err(_), _) => Fate::Back,
+            (Ok(()), Some((Op::Park, tier))) => Fate::Tier(tier),
+            (Ok(()), _) => Fate::Done,
+        };
+        if let (Ok(()), Some((op, tier))) = (&published, log) {
+            self.log(&item, op, Some(tier).filter(|_| op == Op::Park))
+                .await;
+        }
+        if !trail.parked {
+            self.report(&item, fate);
         }
         match published {
             Ok(()) => {

@@ -104,10 +104,7 @@ fn config_errors_exit_2_naming_the_key() {
             "account.client_cert",
         ),
         (
-            GOOD.replace(
-                "[broker]",
-                "[delivery]\nordering = \"per_record\"\n[broker]",
-            ),
+            GOOD.replace("[broker]", "[delivery]\nordering = \"sorted\"\n[broker]"),
             "delivery.ordering",
         ),
         (
@@ -137,16 +134,20 @@ fn config_errors_exit_2_naming_the_key() {
             "stderr does not name the file: {stderr}"
         );
     }
-    let unsupported = write_config(&GOOD.replace(
+    // Per-record ordering is accepted, and `check` says what it sets up.
+    let ordered = write_config(&GOOD.replace(
         "[broker]",
-        "[delivery]\nordering = \"per_record\"\n[broker]",
+        "[delivery]\nordering = \"per_record\"\n[broker]\nshards = 8",
     ));
-    let (_, _, stderr) = output(&mut courier(&[
+    let (code, stdout, stderr) = output(&mut courier(&[
         "check",
+        "--offline",
         "--config",
-        unsupported.to_str().unwrap(),
+        ordered.to_str().unwrap(),
     ]));
-    assert!(stderr.contains("not supported yet"), "{stderr}");
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("ordering: per_record"), "{stdout}");
+    assert!(stdout.contains("8 shard queues"), "{stdout}");
     let (code, _, stderr) = output(&mut courier(&[
         "check",
         "--config",

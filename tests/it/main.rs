@@ -10,6 +10,7 @@ mod helpers;
 mod hostile;
 mod observe;
 mod operator;
+mod ordering;
 mod paths;
 mod pipeline;
 mod receivers;

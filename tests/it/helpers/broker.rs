@@ -46,6 +46,11 @@ impl Broker {
         }
     }
 
+    /// Deletes `queue` too when dropped (shard queues, the parking log).
+    pub fn owns(&mut self, queue: String) {
+        self.queues.push(queue);
+    }
+
     /// Declares `queue` (durable) as courier would, but with `limit` as its
     /// `x-delivery-limit`: a queue that exists with other arguments.
     pub async fn declare_with_limit(

@@ -239,7 +239,7 @@ impl Drop for PrivateNode {
 }
 
 /// `rabbitmqctl [-n node] ARGS` without blocking the test's runtime; its stdout.
-async fn rabbitmqctl(node: Option<&str>, args: &[&str]) -> String {
+pub async fn rabbitmqctl(node: Option<&str>, args: &[&str]) -> String {
     let mut cmd = tokio::process::Command::new("rabbitmqctl");
     if let Some(node) = node {
         cmd.args(["-n", node]);

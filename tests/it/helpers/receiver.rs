@@ -65,6 +65,8 @@ struct ReceiverState {
     reject: Mutex<Option<(String, u16)>>,
     /// Bodies longer than this get this status.
     too_large: Mutex<Option<(usize, u16)>>,
+    /// Every n-th request gets this status.
+    every: Mutex<Option<(usize, u16)>>,
     delay: Mutex<Option<Duration>>,
     /// True while answers are held back (`hold`, `release`).
     held: tokio::sync::watch::Sender<bool>,
@@ -199,6 +201,11 @@ impl Receiver {
         *self.state.too_large.lock().unwrap() = Some((max, status));
     }
 
+    /// Answers `status` to every `n`-th request (counting every request so far).
+    pub fn fail_every(&self, n: usize, status: u16) {
+        *self.state.every.lock().unwrap() = Some((n, status));
+    }
+
     /// Answers `status` to any body that contains `needle`.
     pub fn reject_bodies_with(&self, needle: &str, status: u16) {
         *self.state.reject.lock().unwrap() = Some((needle.to_owned(), status));
@@ -282,14 +289,21 @@ async fn record(
         .lock()
         .unwrap()
         .and_then(|(max, status)| (body.len() > max).then_some(status));
-    let status = rejected
+    let mut status = rejected
         .or(too_large)
         .or_else(|| state.script.lock().unwrap().pop_front())
         .unwrap_or_else(|| state.status.load(Ordering::SeqCst));
+    let every = *state.every.lock().unwrap();
     // The index is taken under the lock of the push: concurrent requests must each mark
     // their own entry answered.
     let index = {
         let mut requests = state.requests.lock().unwrap();
+        if let Some((n, failed)) = every
+            && (requests.len() + 1).is_multiple_of(n)
+            && (200..300).contains(&status)
+        {
+            status = failed;
+        }
         requests.push(Recorded {
             path: uri.path().to_owned(),
             headers,

@@ -326,6 +326,9 @@ fn rows(runs: &Runs) -> Vec<Row> {
         row("broker_cpu_per_100k_large", "   courier batch 200 (2)", "CPU s", broker("batch200"), None),
         row("broker_cpu_per_100k_batch1", "   courier batch 1 (3)", "CPU s", broker("batch1"), None),
         row("broker_cpu_per_100k_many", "   courier, 2,000 accounts (4)", "CPU s", broker("many"), None),
+        row("ordered_off_events_per_s", "9. courier batch 200, ordering off (ordered_off)", "events/s", fig(get("ordered_off", &["data", "events_per_s"])), None),
+        row("ordered_on_events_per_s", "   the same, ordering = \"per_record\" (ordered_on)", "events/s", fig(get("ordered_on", &["data", "events_per_s"])), None),
+        row("ordered_ratio", "   ratio on ÷ off, per run", "×", ratio(&get("ordered_on", &["data", "events_per_s"]), &get("ordered_off", &["data", "events_per_s"])), None),
     ];
     rows
 }
