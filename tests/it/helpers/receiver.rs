@@ -65,6 +65,8 @@ struct ReceiverState {
     reject: Mutex<Option<(String, u16)>>,
     /// Bodies longer than this get this status.
     too_large: Mutex<Option<(usize, u16)>>,
+    /// Every n-th request gets this status.
+    every: Mutex<Option<(usize, u16)>>,
     delay: Mutex<Option<Duration>>,
     /// True while answers are held back (`hold`, `release`).
     held: tokio::sync::watch::Sender<bool>,
@@ -204,6 +206,12 @@ impl Receiver {
         *self.state.reject.lock().unwrap() = Some((needle.to_owned(), status));
     }
 
+    /// Answers `status` to every `n`-th request (counted from the first), whatever it
+    /// carries.
+    pub fn fail_every(&self, n: usize, status: u16) {
+        *self.state.every.lock().unwrap() = Some((n, status));
+    }
+
     /// Every request so far.
     pub fn requests(&self) -> Vec<Recorded> {
         self.state.requests.lock().unwrap().clone()
@@ -282,8 +290,15 @@ async fn record(
         .lock()
         .unwrap()
         .and_then(|(max, status)| (body.len() > max).then_some(status));
+    let nth = state.requests.lock().unwrap().len() + 1;
+    let every = state
+        .every
+        .lock()
+        .unwrap()
+        .and_then(|(n, status)| nth.is_multiple_of(n).then_some(status));
     let status = rejected
         .or(too_large)
+        .or(every)
         .or_else(|| state.script.lock().unwrap().pop_front())
         .unwrap_or_else(|| state.status.load(Ordering::SeqCst));
     state.requests.lock().unwrap().push(Recorded {
