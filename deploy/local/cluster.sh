@@ -8,6 +8,7 @@
 #   deploy/local/cluster.sh stop-node N [DIR]   stop node N (1..3), keeping its data
 #   deploy/local/cluster.sh start-node N [DIR]  start node N again; it rejoins the cluster
 #   deploy/local/cluster.sh urls              the broker.url list, one URL per node
+#   deploy/local/cluster.sh pids [DIR]        the nodes' operating-system pids (the benchmark's CPU figures)
 #
 # Nodes ${COURIER_CLUSTER_NAME}1..3@localhost [courier-c], AMQP on 127.0.0.1 ports
 # COURIER_CLUSTER_PORT..+2 [5781], Erlang distribution ports COURIER_CLUSTER_DIST_PORT..+2
@@ -133,10 +134,13 @@ node_arg() {
 	esac
 }
 
+# Sets DIR from the argument, else COURIER_CLUSTER_DIR, else the default.
+dir_arg() { DIR="$(realpath -m "${1:-${COURIER_CLUSTER_DIR:-${TMPDIR:-/tmp}/courier-cluster}}")"; }
+
 cmd="${1:-}"
 case "$cmd" in
 up | down | status)
-	DIR="$(realpath -m "${2:-${COURIER_CLUSTER_DIR:-${TMPDIR:-/tmp}/courier-cluster}}")"
+	dir_arg "${2:-}"
 	"$cmd"
 	;;
 stop-node)
@@ -146,11 +150,15 @@ stop-node)
 	;;
 start-node)
 	node_arg "${2:-}"
-	DIR="$(realpath -m "${3:-${COURIER_CLUSTER_DIR:-${TMPDIR:-/tmp}/courier-cluster}}")"
+	dir_arg "${3:-}"
 	start "$2"
 	wait_node "$2"
 	echo "started $(node "$2")"
 	;;
 urls) urls ;;
+pids)
+	dir_arg "${2:-}"
+	for n in "${NODES[@]}"; do tr -d '\n' <"$DIR/n$n/pid"; echo; done
+	;;
 *) usage ;;
 esac
