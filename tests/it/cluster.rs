@@ -11,8 +11,10 @@ use courier::config::Settings;
 
 use crate::helpers::*;
 
-/// Events published before the node stops, and while it is down.
+/// Events published before the node stops, by a `courier publish` that the stop
+/// interrupts, and while the node is down.
 const FIRST: usize = 6000;
+const DURING: usize = 30000;
 const SECOND: usize = 1000;
 const ACCOUNTS: [&str; 2] = ["acme", "globex"];
 
@@ -71,12 +73,15 @@ fn lot(prefix: &str, n: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// `courier publish` of `bodies` through `urls`, off the test's runtime.
-async fn publish(names: &Names, spec: &ConfigSpec, urls: Vec<String>, bodies: Vec<Vec<u8>>) {
+/// `courier publish` of `bodies` through `urls`, off the test's runtime; what it logged.
+fn publish(
+    names: &Names,
+    spec: &ConfigSpec,
+    urls: Vec<String>,
+    bodies: Vec<Vec<u8>>,
+) -> tokio::task::JoinHandle<String> {
     let text = with_nodes(names, spec, &urls);
     tokio::task::spawn_blocking(move || publish_with_cli(&text, &bodies))
-        .await
-        .expect("courier publish");
 }
 
 /// Events republished to a retry tier by both replicas.
@@ -129,7 +134,9 @@ async fn node_loss(loss: Loss, figures: &str) {
     assert_eq!(cluster.nodes_with_connection(&consume).await, expected);
 
     let first = lot("first-", FIRST);
-    publish(&names, &spec, cluster.urls_from(0), first.clone()).await;
+    publish(&names, &spec, cluster.urls_from(0), first.clone())
+        .await
+        .unwrap();
     assert!(
         receiver
             .wait_for_distinct(FIRST / 5, Duration::from_secs(60))
@@ -151,6 +158,19 @@ async fn node_loss(loss: Loss, figures: &str) {
             other
         }
     };
+    // A large lot, published through the node about to stop while it stops.
+    let during = lot("during-", DURING);
+    let publishing = publish(&names, &spec, cluster.urls_from(victim), during.clone());
+    assert!(
+        eventually_async(Duration::from_secs(20), || async {
+            cluster
+                .nodes_with_connection("courier-publish-cli")
+                .await
+                .contains(&victim)
+        })
+        .await,
+        "courier publish did not connect to node {victim}"
+    );
     cluster.stop(victim).await;
     let stopped = Instant::now();
     let moved = if loss == Loss::Leader { &a } else { &b };
@@ -162,9 +182,21 @@ async fn node_loss(loss: Loss, figures: &str) {
         .len();
 
     step("node stopped");
+    let log = publishing.await.expect("courier publish");
+    assert!(
+        log.contains("publishing again from line"),
+        "courier publish ended before its node stopped (a larger lot?):\n{log}"
+    );
+    step(&format!(
+        "interrupted lot published, {} time(s) again from its oldest unconfirmed line",
+        log.matches("publishing again from line").count()
+    ));
+
     // A second lot while the node is down, through a list that starts with it.
     let second = lot("second-", SECOND);
-    publish(&names, &spec, cluster.urls_from(victim), second.clone()).await;
+    publish(&names, &spec, cluster.urls_from(victim), second.clone())
+        .await
+        .unwrap();
 
     step("second lot published");
     // The replica that was connected to the stopped node reconnects elsewhere, and both
@@ -185,6 +217,8 @@ async fn node_loss(loss: Loss, figures: &str) {
         "/readyz did not come back to 200 on both replicas"
     );
     let recovered = stopped.elapsed();
+    // The rest at full speed.
+    receiver.set_delay(Duration::ZERO);
     if loss == Loss::Leader {
         let new_leader = cluster.leader(&deliver, Duration::from_secs(30)).await;
         assert!(
@@ -199,11 +233,25 @@ async fn node_loss(loss: Loss, figures: &str) {
     );
 
     step("replicas ready again");
-    // Every id is delivered or dead-lettered.
-    let published: HashSet<String> = first.iter().chain(&second).map(|b| event_id(b)).collect();
+    let published: HashSet<String> = [&first, &during, &second]
+        .into_iter()
+        .flatten()
+        .map(|b| event_id(b))
+        .collect();
     let dead_queue = names.dead();
+    // Every id is delivered or dead-lettered, and nothing stays behind: the queues
+    // (messages held unacknowledged included) are empty.
+    let queues = [deliver.clone()]
+        .into_iter()
+        .chain(["1s", "2s", "3s"].map(|d| format!("{}.retry.{d}", names.prefix)))
+        .collect::<Vec<_>>();
     assert!(
         eventually_async(Duration::from_secs(120), || async {
+            for queue in &queues {
+                if cluster.messages(queue).await != Some(0) {
+                    return false;
+                }
+            }
             let distinct = receiver
                 .delivered_ids()
                 .into_iter()
@@ -213,9 +261,9 @@ async fn node_loss(loss: Loss, figures: &str) {
             distinct + dead >= published.len()
         })
         .await,
-        "events missing"
+        "events missing, or messages left in {queues:?}"
     );
-    step("every id delivered or dead-lettered");
+    step("every id delivered or dead-lettered, queues empty");
     let delivered: HashSet<String> = receiver.delivered_ids().into_iter().collect();
     let listing = courier::commands::dlq::list(&settings_b, usize::MAX)
         .await
@@ -248,24 +296,6 @@ async fn node_loss(loss: Loss, figures: &str) {
         "the replica that moved republished nothing to the retry tier after the node stopped"
     );
 
-    // Redelivered duplicates and their retries settle too: nothing stays behind.
-    let queues = [deliver.clone()]
-        .into_iter()
-        .chain(["1s", "2s", "3s"].map(|d| format!("{}.retry.{d}", names.prefix)))
-        .collect::<Vec<_>>();
-    assert!(
-        eventually_async(Duration::from_secs(60), || async {
-            for queue in &queues {
-                if cluster.messages(queue).await != Some(0) {
-                    return false;
-                }
-            }
-            true
-        })
-        .await,
-        "messages left in {queues:?}"
-    );
-    step("queues empty");
     a.shutdown().await;
     b.shutdown().await;
     print_figures(

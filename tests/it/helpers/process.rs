@@ -136,8 +136,8 @@ fn admin_port_in_log(text: &str) -> Option<u16> {
 }
 
 /// Publishes with `courier publish` through the configuration `text`; asserts that every
-/// event was published.
-pub fn publish_with_cli(text: &str, bodies: &[Vec<u8>]) {
+/// event was published. Returns what it logged.
+pub fn publish_with_cli(text: &str, bodies: &[Vec<u8>]) -> String {
     let config = write_config(text);
     let events = config.with_file_name("events.ndjson");
     std::fs::write(&events, bodies.join(&b'\n')).unwrap();
@@ -152,6 +152,7 @@ pub fn publish_with_cli(text: &str, bodies: &[Vec<u8>]) {
         stdout.contains(&format!("published {}", bodies.len())),
         "{stdout}"
     );
+    stderr
 }
 
 pub struct Proc(pub Child);
