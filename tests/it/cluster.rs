@@ -14,7 +14,7 @@ use crate::helpers::*;
 /// Events published before the node stops, by a `courier publish` that the stop
 /// interrupts, and while the node is down.
 const FIRST: usize = 6000;
-const DURING: usize = 30000;
+const DURING: usize = 80000;
 const SECOND: usize = 1000;
 const ACCOUNTS: [&str; 2] = ["acme", "globex"];
 
@@ -182,23 +182,6 @@ async fn node_loss(loss: Loss, figures: &str) {
         .len();
 
     step("node stopped");
-    let log = publishing.await.expect("courier publish");
-    assert!(
-        log.contains("publishing again from line"),
-        "courier publish ended before its node stopped (a larger lot?):\n{log}"
-    );
-    step(&format!(
-        "interrupted lot published, {} time(s) again from its oldest unconfirmed line",
-        log.matches("publishing again from line").count()
-    ));
-
-    // A second lot while the node is down, through a list that starts with it.
-    let second = lot("second-", SECOND);
-    publish(&names, &spec, cluster.urls_from(victim), second.clone())
-        .await
-        .unwrap();
-
-    step("second lot published");
     // The replica that was connected to the stopped node reconnects elsewhere, and both
     // report ready again.
     assert!(
@@ -217,6 +200,24 @@ async fn node_loss(loss: Loss, figures: &str) {
         "/readyz did not come back to 200 on both replicas"
     );
     let recovered = stopped.elapsed();
+    step("replicas ready again");
+    let log = publishing.await.expect("courier publish");
+    assert!(
+        log.contains("publishing again from line"),
+        "courier publish ended before its node stopped (a larger lot?):\n{log}"
+    );
+    step(&format!(
+        "interrupted lot published, {} time(s) again from its oldest unconfirmed line",
+        log.matches("publishing again from line").count()
+    ));
+
+    // A second lot while the node is down, through a list that starts with it.
+    let second = lot("second-", SECOND);
+    publish(&names, &spec, cluster.urls_from(victim), second.clone())
+        .await
+        .unwrap();
+
+    step("second lot published");
     // The rest at full speed.
     receiver.set_delay(Duration::ZERO);
     if loss == Loss::Leader {
@@ -232,7 +233,6 @@ async fn node_loss(loss: Loss, figures: &str) {
         "consumers on nodes {on:?}, {victim} stopped"
     );
 
-    step("replicas ready again");
     let published: HashSet<String> = [&first, &during, &second]
         .into_iter()
         .flatten()
@@ -245,24 +245,31 @@ async fn node_loss(loss: Loss, figures: &str) {
         .into_iter()
         .chain(["1s", "2s", "3s"].map(|d| format!("{}.retry.{d}", names.prefix)))
         .collect::<Vec<_>>();
-    assert!(
-        eventually_async(Duration::from_secs(120), || async {
-            for queue in &queues {
-                if cluster.messages(queue).await != Some(0) {
-                    return false;
-                }
+    let settled = eventually_async(Duration::from_secs(120), || async {
+        for queue in &queues {
+            if cluster.messages(queue).await != Some(0) {
+                return false;
             }
-            let distinct = receiver
-                .delivered_ids()
-                .into_iter()
-                .collect::<HashSet<_>>()
-                .len();
-            let dead = cluster.messages(&dead_queue).await.unwrap_or(0) as usize;
-            distinct + dead >= published.len()
-        })
-        .await,
-        "events missing, or messages left in {queues:?}"
-    );
+        }
+        let distinct = receiver
+            .delivered_ids()
+            .into_iter()
+            .collect::<HashSet<_>>()
+            .len();
+        let dead = cluster.messages(&dead_queue).await.unwrap_or(0) as usize;
+        distinct + dead >= published.len()
+    })
+    .await;
+    if !settled {
+        for queue in queues.iter().chain([&dead_queue]) {
+            eprintln!(
+                "{queue}: messages, ready, unacked: {:?} {:?} {:?}",
+                cluster.messages(queue).await,
+                cluster.queue_info(queue, "messages_ready").await,
+                cluster.queue_info(queue, "messages_unacknowledged").await,
+            );
+        }
+    }
     step("every id delivered or dead-lettered, queues empty");
     let delivered: HashSet<String> = receiver.delivered_ids().into_iter().collect();
     let listing = courier::commands::dlq::list(&settings_b, usize::MAX)
@@ -281,6 +288,19 @@ async fn node_loss(loss: Loss, figures: &str) {
         .iter()
         .filter(|id| !delivered.contains(*id) && !dead.contains(*id))
         .collect();
+    if !lost.is_empty() {
+        let requests = receiver.requests();
+        for id in &lost {
+            let statuses: Vec<u16> = requests
+                .iter()
+                .filter(|r| r.ids().contains(*id))
+                .map(|r| r.status)
+                .collect();
+            eprintln!("lost {id}: requests answered {statuses:?}");
+        }
+        eprintln!("courier publish of the interrupted lot:\n{log}");
+    }
+    assert!(settled, "events missing, or messages left in {queues:?}");
     assert!(
         lost.is_empty(),
         "{} lost, e.g. {:?}",

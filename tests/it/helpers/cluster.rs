@@ -78,11 +78,12 @@ impl Cluster {
 
     /// Messages in `queue` (ready and unacknowledged).
     pub async fn messages(&self, queue: &str) -> Option<u64> {
-        self.running()
-            .queue_info(queue, "messages")
-            .await?
-            .parse()
-            .ok()
+        self.queue_info(queue, "messages").await?.parse().ok()
+    }
+
+    /// A `rabbitmqctl list_queues` column of `queue`, asked of a running node.
+    pub async fn queue_info(&self, queue: &str, column: &str) -> Option<String> {
+        self.running().queue_info(queue, column).await
     }
 
     /// The indexes of the nodes that hold a connection named `name`, in order.

@@ -301,15 +301,20 @@ async fn record(
         .or(every)
         .or_else(|| state.script.lock().unwrap().pop_front())
         .unwrap_or_else(|| state.status.load(Ordering::SeqCst));
-    state.requests.lock().unwrap().push(Recorded {
-        path: uri.path().to_owned(),
-        headers,
-        body,
-        status,
-        at: std::time::Instant::now(),
-        answered: false,
-    });
-    let index = state.requests.lock().unwrap().len() - 1;
+    // Pushed and indexed under one lock: a request arriving meanwhile must not take
+    // this one's index.
+    let index = {
+        let mut requests = state.requests.lock().unwrap();
+        requests.push(Recorded {
+            path: uri.path().to_owned(),
+            headers,
+            body,
+            status,
+            at: std::time::Instant::now(),
+            answered: false,
+        });
+        requests.len() - 1
+    };
     // Recorded on arrival, answered after the delay.
     let delay = *state.delay.lock().unwrap();
     if let Some(delay) = delay {
