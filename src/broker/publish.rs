@@ -32,6 +32,36 @@ pub enum PublishError {
     Broker(#[from] BrokerError),
 }
 
+impl PublishError {
+    /// Whether publishing again may succeed: the connection was lost (its node stopped or
+    /// went away; the next connection goes to the next node that answers) or no node
+    /// answered, or the broker refused the message (a quorum queue without a leader
+    /// while its members elect one). Not an unroutable message, a timeout, nor what the
+    /// broker refuses for good (a missing exchange, a denied permission).
+    pub fn is_transient(&self) -> bool {
+        use lapin::ErrorKind;
+        use lapin::protocol::{AMQPErrorKind, AMQPHardError};
+        match self {
+            PublishError::Nacked => true,
+            PublishError::Broker(BrokerError::Connect { .. }) => true,
+            PublishError::Broker(BrokerError::Amqp { source, .. }) => match source.kind() {
+                ErrorKind::IOError(_)
+                | ErrorKind::MissingHeartbeatError
+                | ErrorKind::InvalidConnectionState(_)
+                | ErrorKind::InvalidChannelState(..) => true,
+                ErrorKind::ProtocolError(amqp) => matches!(
+                    amqp.kind(),
+                    AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED)
+                ),
+                _ => false,
+            },
+            PublishError::Broker(_) | PublishError::Returned(_) | PublishError::TimedOut(_) => {
+                false
+            }
+        }
+    }
+}
+
 /// How long a publish may take, write and confirm, when its caller sets no deadline.
 pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(60);
 

@@ -25,16 +25,6 @@ const RETRIES: u32 = 8;
 const RETRY_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(2);
 
-/// Whether a failed publish may succeed when tried again: a lost connection, or a
-/// message the broker refused (nack). Not a returned (unroutable) one, nor a timeout.
-fn retryable(error: &PublishError) -> bool {
-    match error {
-        PublishError::Broker(e) => !e.is_fatal(),
-        PublishError::Nacked => true,
-        PublishError::Returned(_) | PublishError::TimedOut(_) => false,
-    }
-}
-
 /// Why `courier publish` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishFileError {
@@ -144,56 +134,68 @@ pub async fn publish(
         }
     };
     // Confirms come back in publish order: `lines[..published]` are confirmed and
-    // `pending` holds the lines after them that were sent.
+    // `pending` holds the lines after them that were sent. A send that fails while
+    // confirms are pending waits for them (`held`): the broker's reason (a missing
+    // exchange, a lost connection) comes back with the oldest.
     let mut pending: VecDeque<(usize, Confirm)> = VecDeque::with_capacity(CONFIRM_WINDOW);
+    let mut held: Option<(usize, PublishError)> = None;
     let mut next = 0;
     let mut published = 0;
     let mut retries = 0;
     while published < lines.len() {
-        let step = if next < lines.len() && pending.len() < CONFIRM_WINDOW {
-            let line = &lines[next];
-            publisher
-                .send(exchange, &line.routing_key, &line.body, properties.clone())
-                .await
-                .map(|confirm| {
-                    pending.push_back((next, confirm));
-                    next += 1;
-                })
-                .map_err(|e| (next, e))
-        } else {
-            let (index, confirm) = pending.pop_front().expect("a line is sent and unconfirmed");
-            confirm
-                .wait()
-                .await
-                .map(|()| {
+        let must_wait = held.is_some() || next == lines.len() || pending.len() >= CONFIRM_WINDOW;
+        let failed = if must_wait && let Some((index, confirm)) = pending.pop_front() {
+            match confirm.wait().await {
+                Ok(()) => {
                     published += 1;
                     retries = 0;
-                })
-                .map_err(|e| (index, e))
-        };
-        match step {
-            Ok(()) => {}
-            // The connection broke (its node stopped), or the broker refused a message
-            // (a quorum queue electing a new leader): publish again from the oldest line
-            // not confirmed, on the next node that answers if the connection is gone.
-            // The broker may hold some of those already: duplicates, never a loss
-            // (docs/scaling.md).
-            Err((index, e)) if retryable(&e) && retries < RETRIES => {
-                let delay = (RETRY_BACKOFF * 2u32.pow(retries)).min(MAX_RETRY_BACKOFF);
-                retries += 1;
-                tracing::warn!(
-                    line = lines[index].number,
-                    error = %e,
-                    retry_in = ?delay,
-                    "publish failed; publishing again from line {}",
-                    lines[published].number
-                );
-                pending.clear();
-                next = published;
-                tokio::time::sleep(delay).await;
+                    None
+                }
+                Err(e) => Some((index, e)),
             }
-            Err((index, e)) => return Err(not_confirmed(lines[index].number)(e)),
+        } else if let Some(failed) = held.take() {
+            Some(failed)
+        } else {
+            let line = &lines[next];
+            match publisher
+                .send(exchange, &line.routing_key, &line.body, properties.clone())
+                .await
+            {
+                Ok(confirm) => {
+                    pending.push_back((next, confirm));
+                    next += 1;
+                    None
+                }
+                Err(e) if pending.is_empty() => Some((next, e)),
+                Err(e) => {
+                    held = Some((next, e));
+                    None
+                }
+            }
+        };
+        let Some((index, e)) = failed else {
+            continue;
+        };
+        if !e.is_transient() || retries == RETRIES {
+            return Err(not_confirmed(lines[index].number)(e));
         }
+        // The connection broke (its node stopped), or the broker refused a message (a
+        // quorum queue electing a new leader): publish again from the oldest line not
+        // confirmed, on the next node that answers if the connection is gone. The broker
+        // may hold some of those already: duplicates, never a loss (docs/scaling.md).
+        let delay = (RETRY_BACKOFF * 2u32.pow(retries)).min(MAX_RETRY_BACKOFF);
+        retries += 1;
+        tracing::warn!(
+            line = lines[index].number,
+            error = %e,
+            retry_in = ?delay,
+            "publish failed; publishing again from line {}",
+            lines[published].number
+        );
+        held = None;
+        pending.clear();
+        next = published;
+        tokio::time::sleep(delay).await;
     }
     publisher.close().await;
     Ok(Summary {

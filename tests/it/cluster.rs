@@ -200,6 +200,14 @@ async fn node_loss(loss: Loss, figures: &str) {
         "/readyz did not come back to 200 on both replicas"
     );
     let recovered = stopped.elapsed();
+    // The other replica kept its session: a new leader does not end consumers on the
+    // nodes that stay.
+    let stayed = if loss == Loss::Leader { &b } else { &a };
+    assert_eq!(
+        stayed.metric("courier_broker_reconnects_total", &[]),
+        0.0,
+        "the replica on a node that stayed reconnected"
+    );
     step("replicas ready again");
     let log = publishing.await.expect("courier publish");
     assert!(
