@@ -38,6 +38,12 @@ ctl() {
 	rabbitmqctl -q -n "$(node "$n")" "$@"
 }
 
+# ctl, its output shown only when it fails.
+quiet() {
+	local out
+	out=$(ctl "$@" 2>&1) || { echo "$out" >&2; exit 1; }
+}
+
 # The broker.url line for courier.toml.
 urls() {
 	local list=() n
@@ -90,9 +96,10 @@ up() {
 	for n in "${NODES[@]}"; do wait_node "$n"; done
 	for n in 2 3; do
 		if ! ctl "$n" cluster_status 2>/dev/null | grep -q "$(node 1)"; then
-			ctl "$n" stop_app
-			ctl "$n" join_cluster "$(node 1)"
-			ctl "$n" start_app
+			# start_app logs the peers it has not met yet as errors: only a failure counts.
+			quiet "$n" stop_app
+			quiet "$n" join_cluster "$(node 1)"
+			quiet "$n" start_app
 		fi
 	done
 	ctl 1 await_online_nodes "${#NODES[@]}" --timeout 120
