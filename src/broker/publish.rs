@@ -327,3 +327,59 @@ impl Confirm {
         confirmed(confirm)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPHardError, AMQPSoftError};
+    use lapin::{ChannelState, ConnectionState, ErrorKind};
+
+    use super::*;
+
+    fn amqp(kind: ErrorKind) -> PublishError {
+        PublishError::Broker(BrokerError::Amqp {
+            context: "publishing".into(),
+            source: kind.into(),
+        })
+    }
+
+    fn refused(kind: AMQPErrorKind) -> PublishError {
+        amqp(ErrorKind::ProtocolError(AMQPError::new(kind, "".into())))
+    }
+
+    #[test]
+    fn a_lost_connection_or_a_nack_may_pass_when_tried_again() {
+        let transient = [
+            PublishError::Nacked,
+            amqp(ErrorKind::IOError(Arc::new(std::io::Error::from(
+                std::io::ErrorKind::ConnectionReset,
+            )))),
+            amqp(ErrorKind::MissingHeartbeatError),
+            amqp(ErrorKind::InvalidConnectionState(ConnectionState::Closed)),
+            amqp(ErrorKind::InvalidChannelState(
+                ChannelState::Closing,
+                "basic.publish",
+            )),
+            refused(AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED)),
+            PublishError::Broker(BrokerError::Connect {
+                nodes: "a, b".into(),
+                last: "Connection refused".into(),
+            }),
+        ];
+        for error in transient {
+            assert!(error.is_transient(), "{error:?}");
+        }
+        let for_good = [
+            refused(AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)),
+            refused(AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)),
+            PublishError::Returned("NO_ROUTE".into()),
+            PublishError::TimedOut(PUBLISH_TIMEOUT),
+            PublishError::Broker(BrokerError::TooOld {
+                node: "a".into(),
+                version: "3.9.0".into(),
+            }),
+        ];
+        for error in for_good {
+            assert!(!error.is_transient(), "{error:?}");
+        }
+    }
+}
