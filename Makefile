@@ -1,7 +1,8 @@
 # courier — developer tasks. GNU make.
 #
 #   make run              build, then run the local pipeline (scripts/run-local.sh)
-#   make test             run the test suite (needs RabbitMQ on 127.0.0.1:5672)
+#   make test             run the test suite but the cluster tests (needs RabbitMQ on 127.0.0.1:5672)
+#   make test-cluster     only the three-node cluster failover tests (docs/scaling.md; ~2 min)
 #   make test-prometheus  only the dashboard/alerts proof against a real Prometheus (docs/operations.md)
 #   make dashboard-png    redraw docs/img/dashboard.png from the last proof's query_range results
 #   make check            rustfmt and clippy, warnings are errors (alias: lint)
@@ -14,7 +15,7 @@ CARGO ?= cargo
 TEST_THREADS ?= 4
 
 .PHONY: all help run build test bench check lint fmt clippy ensure-rabbitmq ensure-test-tools \
-	test-prometheus dashboard-png clean
+	test-cluster test-prometheus dashboard-png clean
 
 all: check test
 
@@ -41,14 +42,25 @@ run: ensure-rabbitmq build
 # per-test limit: the whole run, built first, gets TEST_TIMEOUT seconds.
 TEST_TIMEOUT ?= 900
 
+# The cluster tests boot three RabbitMQ nodes each (about two minutes together): they
+# run in `make test-cluster`, not in `make test`.
 test: ensure-rabbitmq ensure-test-tools
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-		echo "+ $(CARGO) nextest run --workspace --no-fail-fast --test-threads $(TEST_THREADS)"; \
-		$(CARGO) nextest run --workspace --no-fail-fast --test-threads $(TEST_THREADS); \
+		echo "+ $(CARGO) nextest run --workspace --no-fail-fast --test-threads $(TEST_THREADS) -E 'not test(/^cluster::/)'"; \
+		$(CARGO) nextest run --workspace --no-fail-fast --test-threads $(TEST_THREADS) -E 'not test(/^cluster::/)'; \
 	else \
 		$(CARGO) test --workspace --no-run && \
-		echo "+ timeout $(TEST_TIMEOUT) $(CARGO) test --workspace --no-fail-fast -- --test-threads $(TEST_THREADS)" && \
-		timeout --kill-after=30 $(TEST_TIMEOUT) $(CARGO) test --workspace --no-fail-fast -- --test-threads $(TEST_THREADS); \
+		echo "+ timeout $(TEST_TIMEOUT) $(CARGO) test --workspace --no-fail-fast -- --test-threads $(TEST_THREADS) --skip cluster::" && \
+		timeout --kill-after=30 $(TEST_TIMEOUT) $(CARGO) test --workspace --no-fail-fast -- --test-threads $(TEST_THREADS) --skip cluster::; \
+	fi
+
+# Two courier replicas on a three-node cluster of the tests' own, a node stopped under
+# them (tests/it/cluster.rs, docs/scaling.md).
+test-cluster: ensure-rabbitmq
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		$(CARGO) nextest run --test it --no-fail-fast -E 'test(/^cluster::/)'; \
+	else \
+		$(CARGO) test --test it -- --test-threads 1 cluster::; \
 	fi
 
 # The dashboard and alert rules against a real Prometheus, a real courier and the

@@ -32,6 +32,36 @@ pub enum PublishError {
     Broker(#[from] BrokerError),
 }
 
+impl PublishError {
+    /// Whether publishing again may succeed: the connection was lost (its node stopped or
+    /// went away; the next connection goes to the next node that answers) or no node
+    /// answered, or the broker refused the message (a quorum queue without a leader
+    /// while its members elect one). Not an unroutable message, a timeout, nor what the
+    /// broker refuses for good (a missing exchange, a denied permission).
+    pub fn is_transient(&self) -> bool {
+        use lapin::ErrorKind;
+        use lapin::protocol::{AMQPErrorKind, AMQPHardError};
+        match self {
+            PublishError::Nacked => true,
+            PublishError::Broker(BrokerError::Connect { .. }) => true,
+            PublishError::Broker(BrokerError::Amqp { source, .. }) => match source.kind() {
+                ErrorKind::IOError(_)
+                | ErrorKind::MissingHeartbeatError
+                | ErrorKind::InvalidConnectionState(_)
+                | ErrorKind::InvalidChannelState(..) => true,
+                ErrorKind::ProtocolError(amqp) => matches!(
+                    amqp.kind(),
+                    AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED)
+                ),
+                _ => false,
+            },
+            PublishError::Broker(_) | PublishError::Returned(_) | PublishError::TimedOut(_) => {
+                false
+            }
+        }
+    }
+}
+
 /// How long a publish may take, write and confirm, when its caller sets no deadline.
 pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -295,5 +325,61 @@ impl Confirm {
             .await
             .map_err(|_| PublishError::TimedOut(PUBLISH_TIMEOUT))?;
         confirmed(confirm)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPHardError, AMQPSoftError};
+    use lapin::{ChannelState, ConnectionState, ErrorKind};
+
+    use super::*;
+
+    fn amqp(kind: ErrorKind) -> PublishError {
+        PublishError::Broker(BrokerError::Amqp {
+            context: "publishing".into(),
+            source: kind.into(),
+        })
+    }
+
+    fn refused(kind: AMQPErrorKind) -> PublishError {
+        amqp(ErrorKind::ProtocolError(AMQPError::new(kind, "".into())))
+    }
+
+    #[test]
+    fn a_lost_connection_or_a_nack_may_pass_when_tried_again() {
+        let transient = [
+            PublishError::Nacked,
+            amqp(ErrorKind::IOError(Arc::new(std::io::Error::from(
+                std::io::ErrorKind::ConnectionReset,
+            )))),
+            amqp(ErrorKind::MissingHeartbeatError),
+            amqp(ErrorKind::InvalidConnectionState(ConnectionState::Closed)),
+            amqp(ErrorKind::InvalidChannelState(
+                ChannelState::Closing,
+                "basic.publish",
+            )),
+            refused(AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED)),
+            PublishError::Broker(BrokerError::Connect {
+                nodes: "a, b".into(),
+                last: "Connection refused".into(),
+            }),
+        ];
+        for error in transient {
+            assert!(error.is_transient(), "{error:?}");
+        }
+        let for_good = [
+            refused(AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)),
+            refused(AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)),
+            PublishError::Returned("NO_ROUTE".into()),
+            PublishError::TimedOut(PUBLISH_TIMEOUT),
+            PublishError::Broker(BrokerError::TooOld {
+                node: "a".into(),
+                version: "3.9.0".into(),
+            }),
+        ];
+        for error in for_good {
+            assert!(!error.is_transient(), "{error:?}");
+        }
     }
 }

@@ -1,18 +1,29 @@
 //! `courier publish`: NDJSON events in file order, publisher-confirmed, routing key
 //! `<account>.<type>`. Every line is validated first; an invalid line stops the whole
-//! file unless `--skip-invalid`.
+//! file unless `--skip-invalid`. When the connection breaks (its node stopped), the
+//! lines not yet confirmed are published again through the next node of `broker.url`
+//! that answers.
 
 use std::collections::VecDeque;
 use std::io::BufRead;
+use std::time::Duration;
 
 use lapin::BasicProperties;
 
+use crate::broker::publish::Confirm;
 use crate::broker::{BrokerError, PublishError, Publisher};
 use crate::config::Settings;
 use crate::event;
 
 /// Confirms awaited at once: enough to keep the broker busy, bounded in memory.
 const CONFIRM_WINDOW: usize = 512;
+
+/// Failed publishes in a row, without a confirm between them, that are tried again: a
+/// node that stops mid-run is left for the next node of `broker.url` and its queues'
+/// new leaders are waited for (about 12 s in all); a broker that stays away ends the run.
+const RETRIES: u32 = 8;
+const RETRY_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Why `courier publish` failed.
 #[derive(Debug, thiserror::Error)]
@@ -107,8 +118,6 @@ pub async fn publish(
         .with_delivery_mode(2)
         .with_content_type("application/json".into());
     let exchange = settings.broker.exchange.as_str();
-    let mut pending = VecDeque::with_capacity(CONFIRM_WINDOW);
-    let mut published = 0;
     let not_confirmed = |line: usize| {
         let routing_key = lines
             .iter()
@@ -124,21 +133,69 @@ pub async fn publish(
             source => PublishFileError::NotConfirmed { line, source },
         }
     };
-    for line in &lines {
-        let confirm = publisher
-            .send(exchange, &line.routing_key, &line.body, properties.clone())
-            .await
-            .map_err(not_confirmed(line.number))?;
-        pending.push_back((line.number, confirm));
-        if pending.len() >= CONFIRM_WINDOW {
-            let (number, confirm) = pending.pop_front().expect("not empty");
-            confirm.wait().await.map_err(not_confirmed(number))?;
-            published += 1;
+    // Confirms come back in publish order: `lines[..published]` are confirmed and
+    // `pending` holds the lines after them that were sent. A send that fails while
+    // confirms are pending waits for them (`held`): the broker's reason (a missing
+    // exchange, a lost connection) comes back with the oldest.
+    let mut pending: VecDeque<(usize, Confirm)> = VecDeque::with_capacity(CONFIRM_WINDOW);
+    let mut held: Option<(usize, PublishError)> = None;
+    let mut next = 0;
+    let mut published = 0;
+    let mut retries = 0;
+    while published < lines.len() {
+        let must_wait = held.is_some() || next == lines.len() || pending.len() >= CONFIRM_WINDOW;
+        let failed = if must_wait && let Some((index, confirm)) = pending.pop_front() {
+            match confirm.wait().await {
+                Ok(()) => {
+                    published += 1;
+                    retries = 0;
+                    None
+                }
+                Err(e) => Some((index, e)),
+            }
+        } else if let Some(failed) = held.take() {
+            Some(failed)
+        } else {
+            let line = &lines[next];
+            match publisher
+                .send(exchange, &line.routing_key, &line.body, properties.clone())
+                .await
+            {
+                Ok(confirm) => {
+                    pending.push_back((next, confirm));
+                    next += 1;
+                    None
+                }
+                Err(e) if pending.is_empty() => Some((next, e)),
+                Err(e) => {
+                    held = Some((next, e));
+                    None
+                }
+            }
+        };
+        let Some((index, e)) = failed else {
+            continue;
+        };
+        if !e.is_transient() || retries == RETRIES {
+            return Err(not_confirmed(lines[index].number)(e));
         }
-    }
-    while let Some((number, confirm)) = pending.pop_front() {
-        confirm.wait().await.map_err(not_confirmed(number))?;
-        published += 1;
+        // The connection broke (its node stopped), or the broker refused a message (a
+        // quorum queue electing a new leader): publish again from the oldest line not
+        // confirmed, on the next node that answers if the connection is gone. The broker
+        // may hold some of those already: duplicates, never a loss (docs/scaling.md).
+        let delay = (RETRY_BACKOFF * 2u32.pow(retries)).min(MAX_RETRY_BACKOFF);
+        retries += 1;
+        tracing::warn!(
+            line = lines[index].number,
+            error = %e,
+            retry_in = ?delay,
+            "publish failed; publishing again from line {}",
+            lines[published].number
+        );
+        held = None;
+        pending.clear();
+        next = published;
+        tokio::time::sleep(delay).await;
     }
     publisher.close().await;
     Ok(Summary {

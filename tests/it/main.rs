@@ -3,6 +3,7 @@
 mod alarm;
 mod broker_tls;
 mod cli;
+mod cluster;
 mod deploy;
 mod examples;
 mod failures;

@@ -688,14 +688,6 @@ async fn dead_node() -> (u16, Arc<AtomicUsize>) {
     (port, tries)
 }
 
-/// The test configuration with `broker.url` replaced by a list of nodes.
-fn with_nodes(names: &Names, spec: &ConfigSpec, urls: &[String]) -> String {
-    let text = config_text(names, spec);
-    let one = format!("url = \"{}\"", amqp_url());
-    assert!(text.contains(&one));
-    text.replace(&one, &format!("url = {urls:?}"))
-}
-
 #[tokio::test]
 async fn a_dead_first_node_in_the_url_list_is_passed_over() {
     let (port, tries) = dead_node().await;
@@ -725,24 +717,6 @@ async fn a_dead_first_node_in_the_url_list_is_passed_over() {
         ids(&published)
     );
     worker.shutdown().await;
-}
-
-/// Publishes with `courier publish` through the configuration `text`.
-fn publish_with_cli(text: &str, bodies: &[Vec<u8>]) {
-    let config = write_config(text);
-    let events = config.with_file_name("events.ndjson");
-    std::fs::write(&events, bodies.join(&b'\n')).unwrap();
-    let (code, stdout, stderr) = output(&mut courier(&[
-        "publish",
-        "--config",
-        config.to_str().unwrap(),
-        events.to_str().unwrap(),
-    ]));
-    assert_eq!(code, 0, "{stderr}");
-    assert!(
-        stdout.contains(&format!("published {}", bodies.len())),
-        "{stdout}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

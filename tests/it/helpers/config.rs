@@ -92,6 +92,14 @@ fn default_unless(section: &str, key: &str, default: &str) -> String {
     }
 }
 
+/// The test configuration with `broker.url` replaced by a list of nodes.
+pub fn with_nodes(names: &Names, spec: &ConfigSpec, urls: &[String]) -> String {
+    let text = config_text(names, spec);
+    let one = format!("url = \"{}\"", amqp_url());
+    assert!(text.contains(&one));
+    text.replace(&one, &format!("url = {urls:?}"))
+}
+
 /// A configuration text for a courier subprocess, with its admin endpoints on a port
 /// from `free_port`; returns the text and the port. (`start_courier` with `config_text`
 /// needs no port chosen in advance.)

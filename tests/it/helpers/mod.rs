@@ -4,6 +4,7 @@
 
 mod broker;
 mod certs;
+mod cluster;
 mod config;
 mod node;
 mod process;
@@ -17,6 +18,7 @@ use tokio::time::Instant;
 
 pub use broker::*;
 pub use certs::*;
+pub use cluster::*;
 pub use config::*;
 pub use node::*;
 pub use process::*;

@@ -170,6 +170,34 @@ impl PrivateNode {
         assert!(self.ctl(&["stop"]).await, "cannot stop {}", self.name);
     }
 
+    /// Makes this (running, fresh) node a member of `seed`'s cluster.
+    pub async fn join(&self, seed: &PrivateNode) {
+        for args in [
+            &["stop_app"][..],
+            &["join_cluster", &seed.name][..],
+            &["start_app"][..],
+        ] {
+            assert!(
+                self.ctl(args).await,
+                "{}: rabbitmqctl {args:?} failed",
+                self.name
+            );
+        }
+    }
+
+    /// `rabbitmqctl -n NODE list_queues name COLUMN`: the column's value for `queue`.
+    pub async fn queue_info(&self, queue: &str, column: &str) -> Option<String> {
+        let listing = rabbitmqctl(
+            Some(&self.name),
+            &["list_queues", "-q", "--no-table-headers", "name", column],
+        )
+        .await;
+        listing.lines().find_map(|line| {
+            let (name, value) = line.split_once('\t')?;
+            (name == queue).then(|| value.trim().to_owned())
+        })
+    }
+
     /// Sets the node's memory high watermark, a fraction of the machine's memory: a tiny
     /// one (`0.0000001`) raises the memory alarm, which blocks every connection that
     /// publishes; `0.4`, the default, lifts it.
@@ -213,7 +241,7 @@ impl PrivateNode {
     }
 
     /// Runs `rabbitmqctl -n NODE ARGS`; returns whether it succeeded.
-    async fn ctl(&self, args: &[&str]) -> bool {
+    pub async fn ctl(&self, args: &[&str]) -> bool {
         tokio::process::Command::new("rabbitmqctl")
             .args(["-n", &self.name])
             .args(args)
@@ -255,13 +283,28 @@ pub async fn rabbitmqctl(node: Option<&str>, args: &[&str]) -> String {
 
 /// The pids of the connections named `name` on `node` (the shared node: `None`).
 pub async fn connections_named(node: Option<&str>, name: &str) -> Vec<String> {
+    column_of_connections_named(node, "pid", name).await
+}
+
+/// The broker ports that connections named `name` reached, as `node` sees them (the
+/// listing covers its whole cluster): which node of a cluster each one is on.
+pub async fn ports_of_connections_named(node: &str, name: &str) -> Vec<u16> {
+    column_of_connections_named(Some(node), "port", name)
+        .await
+        .iter()
+        .filter_map(|port| port.parse().ok())
+        .collect()
+}
+
+/// `column` of each connection named `name`.
+async fn column_of_connections_named(node: Option<&str>, column: &str, name: &str) -> Vec<String> {
     let listing = rabbitmqctl(
         node,
         &[
             "list_connections",
             "-q",
             "--no-table-headers",
-            "pid",
+            column,
             "client_properties",
         ],
     )

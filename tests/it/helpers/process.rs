@@ -135,6 +135,26 @@ fn admin_port_in_log(text: &str) -> Option<u16> {
     addr.parse::<std::net::SocketAddr>().ok().map(|a| a.port())
 }
 
+/// Publishes with `courier publish` through the configuration `text`; asserts that every
+/// event was published. Returns what it logged.
+pub fn publish_with_cli(text: &str, bodies: &[Vec<u8>]) -> String {
+    let config = write_config(text);
+    let events = config.with_file_name("events.ndjson");
+    std::fs::write(&events, bodies.join(&b'\n')).unwrap();
+    let (code, stdout, stderr) = output(&mut courier(&[
+        "publish",
+        "--config",
+        config.to_str().unwrap(),
+        events.to_str().unwrap(),
+    ]));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains(&format!("published {}", bodies.len())),
+        "{stdout}"
+    );
+    stderr
+}
+
 pub struct Proc(pub Child);
 
 impl Drop for Proc {

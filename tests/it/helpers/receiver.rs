@@ -201,7 +201,8 @@ impl Receiver {
         *self.state.too_large.lock().unwrap() = Some((max, status));
     }
 
-    /// Answers `status` to every `n`-th request (counting every request so far).
+    /// Answers `status` instead of a 2xx to every `n`-th request (counting every request
+    /// so far).
     pub fn fail_every(&self, n: usize, status: u16) {
         *self.state.every.lock().unwrap() = Some((n, status));
     }

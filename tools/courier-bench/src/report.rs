@@ -24,6 +24,9 @@ const SCENARIOS: [&str; 10] = [
     "slowsmall",
 ];
 
+/// The scaling scenarios (docs/scaling.md), after those of [`SCENARIOS`] in the CPU table.
+const SCALING_SCENARIOS: [&str; 3] = ["replicas2", "cluster", "cluster2"];
+
 /// `report`: writes the JSON and Markdown results and prints the table.
 pub fn report(args: ReportArgs) -> Result<()> {
     let runs = Runs::load(&args.input)?;
@@ -330,6 +333,31 @@ fn rows(runs: &Runs) -> Vec<Row> {
         row("ordered_on_events_per_s", "   the same, ordering = \"per_record\" (ordered_on)", "events/s", fig(get("ordered_on", &["data", "events_per_s"])), None),
         row("ordered_ratio", "   ratio on ÷ off, per run", "×", ratio(&get("ordered_on", &["data", "events_per_s"]), &get("ordered_off", &["data", "events_per_s"])), None),
     ];
+    rows.into_iter().chain(scaling_rows(runs)).collect()
+}
+
+/// Replicas and the cluster against one replica on one node (docs/scaling.md).
+fn scaling_rows(runs: &Runs) -> Vec<Row> {
+    let get = |scenario: &str| runs.get(scenario, &["data", "events_per_s"]);
+    let cpu = |scenario: &str| fig(runs.per_100k(scenario));
+    let broker = |scenario: &str| fig(runs.broker_per_100k(scenario));
+    let (one, two) = (get("batch200"), get("replicas2"));
+    let (cluster, cluster2) = (get("cluster"), get("cluster2"));
+    #[rustfmt::skip]
+    let rows = vec![
+        row("replicas2_events_per_s", "10. two courier replicas, one broker node (batch 200, 20 accounts)", "events/s", fig(two.clone()), None),
+        row("replicas2_ratio", "   ratio to one replica (2), per run", "×", ratio(&two, &one), None),
+        row("cluster_events_per_s", "   one replica on a three-node cluster", "events/s", fig(cluster.clone()), None),
+        row("cluster_ratio", "   ratio to one replica on one node (2), per run", "×", ratio(&cluster, &one), None),
+        row("cluster2_events_per_s", "   two replicas on the cluster (on nodes 1 and 2)", "events/s", fig(cluster2.clone()), None),
+        row("cluster2_ratio", "   ratio to one replica on the cluster, per run", "×", ratio(&cluster2, &cluster), None),
+        row("cpu_per_100k_replicas2", "   courier CPU per 100k events: two replicas, one node", "CPU s", cpu("replicas2"), None),
+        row("cpu_per_100k_cluster", "   courier CPU per 100k events: one replica, cluster", "CPU s", cpu("cluster"), None),
+        row("cpu_per_100k_cluster2", "   courier CPU per 100k events: two replicas, cluster", "CPU s", cpu("cluster2"), None),
+        row("broker_cpu_per_100k_replicas2", "   broker CPU per 100k events: two replicas, one node", "CPU s", broker("replicas2"), None),
+        row("broker_cpu_per_100k_cluster", "   broker CPU per 100k events (three nodes together): one replica, cluster", "CPU s", broker("cluster"), None),
+        row("broker_cpu_per_100k_cluster2", "   broker CPU per 100k events (three nodes together): two replicas, cluster", "CPU s", broker("cluster2"), None),
+    ];
     rows
 }
 
@@ -406,7 +434,7 @@ fn cores_table(runs: &Runs) -> (String, BTreeMap<&'static str, Value>) {
          |---|---:|---:|---:|---:|\n",
     );
     let mut cores_json = BTreeMap::new();
-    for scenario in SCENARIOS {
+    for &scenario in SCENARIOS.iter().chain(&SCALING_SCENARIOS) {
         if !runs.0.contains_key(scenario) {
             continue;
         }
