@@ -65,7 +65,13 @@ pub fn queues(
         },
         QueueSpec {
             name: deliver.clone(),
-            arguments: quorum(&deliver_args),
+            arguments: if broker.per_record {
+                // One router at a time (docs/ordering.md, "How events reach their
+                // shard"): a quorum queue does not enforce an exclusive consumer.
+                quorum(&single_active(&deliver_args))
+            } else {
+                quorum(&deliver_args)
+            },
         },
     ];
     for delay in schedule {
@@ -86,8 +92,7 @@ pub fn queues(
     if broker.per_record {
         // docs/ordering.md: the shards are delivery queues with one active consumer; the
         // parking log is a stream.
-        let mut shard_args = deliver_args.to_vec();
-        shard_args.push(("x-single-active-consumer", AMQPValue::Boolean(true)));
+        let shard_args = single_active(&deliver_args);
         for n in 0..broker.shards {
             specs.push(QueueSpec {
                 name: broker.shard_queue(n),
@@ -103,6 +108,14 @@ pub fn queues(
         });
     }
     specs
+}
+
+/// `args` with `x-single-active-consumer`: the broker delivers to one consumer at a time
+/// and hands over to another when it goes.
+fn single_active<'a>(args: &[(&'a str, AMQPValue)]) -> Vec<(&'a str, AMQPValue)> {
+    let mut args = args.to_vec();
+    args.push(("x-single-active-consumer", AMQPValue::Boolean(true)));
+    args
 }
 
 /// How long the parking log keeps its entries (`x-max-age` of the stream): far longer
@@ -274,12 +287,16 @@ mod tests {
         let specs = queues(&settings.broker, &settings.retry.schedule, None);
         let unordered = parse_with(crate::config::testing::MINIMAL, &[]).unwrap();
         let plain = queues(&unordered.broker, &unordered.retry.schedule, None);
-        // The queues of "none" come first, unchanged: switching needs no migration.
+        // The queues of "none" come first, in the same order; the intake queue gets a
+        // single active consumer (the router), the others are unchanged.
         assert_eq!(specs.len(), plain.len() + 4);
-        for (a, b) in plain.iter().zip(&specs) {
-            assert_eq!((&a.name, &a.arguments), (&b.name, &b.arguments));
-        }
         let deliver = &plain[1].arguments;
+        let mut single = deliver.clone();
+        single.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        for (n, (a, b)) in plain.iter().zip(&specs).enumerate() {
+            let expected = if n == 1 { &single } else { &a.arguments };
+            assert_eq!((&a.name, expected), (&b.name, &b.arguments));
+        }
         for (n, shard) in specs[plain.len()..plain.len() + 3].iter().enumerate() {
             assert_eq!(shard.name, format!("courier.deliver.{n}"));
             let mut expected = deliver.clone();

@@ -1,8 +1,10 @@
 //! The router of per-record ordering (docs/ordering.md, "How events reach their shard"):
-//! one replica at a time consumes the intake queue (`courier.deliver`) with an exclusive
-//! consumer and republishes each message, in consume order and publisher-confirmed, to
-//! the shard queue of its record; the original is acknowledged once its copy is
-//! confirmed. The other replicas try again every [`RETRY`]: that is the failover.
+//! every replica consumes the intake queue (`courier.deliver`, declared with a single
+//! active consumer in this mode), and the one the broker makes active republishes each
+//! message, in consume order and publisher-confirmed, to the shard queue of its record;
+//! the original is acknowledged once its copy is confirmed. When the active one goes,
+//! the broker makes another active: that is the failover. (An exclusive consumer would
+//! not do: a quorum queue accepts several.)
 //!
 //! The copy keeps the trail (`x-courier-*`) of a message that courier put back itself
 //! (from a retry tier or `dlq replay`, through the default exchange) and drops it from
@@ -27,7 +29,7 @@ use crate::broker::{self, BrokerError};
 use crate::config::BrokerSettings;
 use crate::event;
 
-/// How often a replica that is not the router tries to become it.
+/// The wait before a router that stopped on an error consumes again.
 pub const RETRY: Duration = Duration::from_secs(1);
 
 /// Copies written but not yet confirmed, at most.
@@ -68,8 +70,9 @@ pub async fn run(broker: Arc<BrokerSettings>, stop: CancellationToken) {
     }
 }
 
-/// One connection's worth of routing: waits to become the exclusive consumer, then
-/// routes. `Ok` when stopped.
+/// One connection's worth of routing: consumes the intake queue and routes what the
+/// broker delivers, which it does only while this is its active consumer. `Ok` when
+/// stopped.
 async fn route(
     conn: &Connection,
     broker: &BrokerSettings,
@@ -85,42 +88,26 @@ async fn route(
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .map_err(BrokerError::amqp("enabling publisher confirms"))?;
-    let (channel, mut consumer) = loop {
-        let channel = conn
-            .create_channel()
-            .await
-            .map_err(BrokerError::amqp("opening the router's channel"))?;
-        channel
-            .basic_qos(WINDOW, BasicQosOptions::default())
-            .await
-            .map_err(BrokerError::amqp("setting the router's prefetch"))?;
-        let consumed = channel
-            .basic_consume(
-                intake.as_str().into(),
-                format!("courier-route-{}", std::process::id())
-                    .as_str()
-                    .into(),
-                BasicConsumeOptions {
-                    exclusive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        match consumed {
-            Ok(consumer) => break (channel, consumer),
-            Err(e) if broker::reason(&e).starts_with("ACCESS_REFUSED") => {
-                // Another replica routes.
-                tokio::select! {
-                    _ = stop.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(RETRY) => {}
-                }
-            }
-            Err(e) => return Err(BrokerError::amqp(format!("consuming from {intake}"))(e)),
-        }
-    };
-    tracing::info!(queue = %intake, shards = broker.shards, "routing the intake queue to the shards");
-    *routing = true;
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(BrokerError::amqp("opening the router's channel"))?;
+    channel
+        .basic_qos(WINDOW, BasicQosOptions::default())
+        .await
+        .map_err(BrokerError::amqp("setting the router's prefetch"))?;
+    let mut consumer = channel
+        .basic_consume(
+            intake.as_str().into(),
+            format!("courier-route-{}", std::process::id())
+                .as_str()
+                .into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(BrokerError::amqp(format!("consuming from {intake}")))?;
+    tracing::debug!(queue = %intake, "consuming the intake queue; routing while the broker makes this replica its active consumer");
     let mut outstanding: VecDeque<(u64, PublisherConfirm)> = VecDeque::new();
     let mut confirmed_up_to = None;
     let result = loop {
@@ -162,6 +149,10 @@ async fn route(
                     Some(Err(e)) => break Err(BrokerError::amqp("routing")(e)),
                     None => break Err(BrokerError::Connect { nodes: intake.clone(), last: "the router's consumer was cancelled".into() }),
                 };
+                if !*routing {
+                    tracing::info!(queue = %intake, shards = broker.shards, "routing the intake queue to the shards");
+                    *routing = true;
+                }
                 let shard = shard_of_body(&delivery.data, broker);
                 let properties = copy_properties(delivery.exchange.as_str(), &delivery.properties, SystemTime::now());
                 let confirm = publish
