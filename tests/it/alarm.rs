@@ -230,8 +230,11 @@ async fn a_publish_to_a_blocked_broker_ends_by_its_deadline_and_reconnects_once(
         .expect("a publish before the alarm");
 
     node.set_memory_watermark("0.0000001").await;
-    // Each publish, the first that meets the alarm and those written behind it, ends
-    // by its deadline instead of waiting for the broker to read again.
+    // The broker blocks a connection at its first publish under the alarm, which it may
+    // still take: this one puts the connection in that state, whatever becomes of it.
+    let _ = publish("probe".into(), Duration::from_secs(2)).await;
+    // Each publish, the first that meets the blocked connection and those written behind
+    // it, ends by its deadline instead of waiting for the broker to read again.
     let blocked = join_all((0..10).map(|i| publish(format!("b{i}"), Duration::from_secs(2))));
     let ended = tokio::time::timeout(Duration::from_secs(30), blocked)
         .await
