@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use std::io::BufRead;
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use lapin::BasicProperties;
 
 use crate::broker::publish::Confirm;
@@ -21,9 +22,18 @@ const CONFIRM_WINDOW: usize = 512;
 /// Failed publishes in a row, without a confirm between them, that are tried again: a
 /// node that stops mid-run is left for the next node of `broker.url` and its queues'
 /// new leaders are waited for (about 12 s in all); a broker that stays away ends the run.
-const RETRIES: u32 = 8;
+const RETRIES: usize = 8;
 const RETRY_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(2);
+
+/// The waits before those publishes again: 0.25 s doubling to 2 s, [`RETRIES`] of them.
+fn retry_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(RETRY_BACKOFF)
+        .with_max_delay(MAX_RETRY_BACKOFF)
+        .with_max_times(RETRIES)
+        .build()
+}
 
 /// Why `courier publish` failed.
 #[derive(Debug, thiserror::Error)]
@@ -141,14 +151,19 @@ pub async fn publish(
     let mut held: Option<(usize, PublishError)> = None;
     let mut next = 0;
     let mut published = 0;
-    let mut retries = 0;
+    let mut backoff = retry_backoff();
+    // Whether a publish failed since the last confirm (the backoff then starts again).
+    let mut failing = false;
     while published < lines.len() {
         let must_wait = held.is_some() || next == lines.len() || pending.len() >= CONFIRM_WINDOW;
         let failed = if must_wait && let Some((index, confirm)) = pending.pop_front() {
             match confirm.wait().await {
                 Ok(()) => {
                     published += 1;
-                    retries = 0;
+                    if failing {
+                        backoff = retry_backoff();
+                        failing = false;
+                    }
                     None
                 }
                 Err(e) => Some((index, e)),
@@ -176,15 +191,14 @@ pub async fn publish(
         let Some((index, e)) = failed else {
             continue;
         };
-        if !e.is_transient() || retries == RETRIES {
+        let Some(delay) = backoff.next().filter(|_| e.is_transient()) else {
             return Err(not_confirmed(lines[index].number)(e));
-        }
+        };
+        failing = true;
         // The connection broke (its node stopped), or the broker refused a message (a
         // quorum queue electing a new leader): publish again from the oldest line not
         // confirmed, on the next node that answers if the connection is gone. The broker
         // may hold some of those already: duplicates, never a loss (docs/scaling.md).
-        let delay = (RETRY_BACKOFF * 2u32.pow(retries)).min(MAX_RETRY_BACKOFF);
-        retries += 1;
         tracing::warn!(
             line = lines[index].number,
             error = %e,

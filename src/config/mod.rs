@@ -211,6 +211,17 @@ pub struct BrokerTls {
     pub identity: Option<ClientIdentity>,
 }
 
+impl Settings {
+    /// The largest `batch_size` of the accounts (1 with none).
+    pub fn largest_batch(&self) -> usize {
+        self.accounts
+            .values()
+            .map(|a| a.batch_size)
+            .max()
+            .unwrap_or(1)
+    }
+}
+
 impl BrokerSettings {
     /// The delivery queue, e.g. `courier.deliver`.
     pub fn deliver_queue(&self) -> String {

@@ -173,7 +173,7 @@ pub async fn consume(
                             let horizon = log_horizon(&intake.live.settings);
                             rebuild(o, session, shard, horizon).await;
                         }
-                        if let Some(routed) = route(&intake.live, cx, &mut intake.warnings, delivery) {
+                        if let Some(routed) = route(&intake.live, cx, &mut intake.warnings, delivery, shard) {
                             admit(intake, &mut open, cx, o, routed);
                         }
                     }
@@ -314,7 +314,7 @@ fn accept(
         warnings,
         ..
     } = intake;
-    let Some(routed) = route(live, cx, warnings, delivery) else {
+    let Some(routed) = route(live, cx, warnings, delivery, None) else {
         return;
     };
     batch_in(live, destinations, open, cx, routed);
@@ -422,8 +422,11 @@ async fn rebuild(o: &mut Ordered, session: &Session, shard: u16, horizon: Durati
 
 /// The shard of a delivery, from the shard queue it came from.
 fn shard_of_queue(routing_key: &str, broker: &crate::config::BrokerSettings) -> Option<u16> {
-    let prefix = format!("{}.deliver.", broker.queue_prefix);
-    routing_key.strip_prefix(&prefix)?.parse().ok()
+    routing_key
+        .strip_prefix(broker.queue_prefix.as_str())?
+        .strip_prefix(".deliver.")?
+        .parse()
+        .ok()
 }
 
 /// Starts the delivery task of a flushed batch.
@@ -449,18 +452,19 @@ fn dispatch(cx: &Arc<Context>, destinations: &mut HashMap<Key, Arc<Semaphore>>, 
 }
 
 /// Parses one delivery. Returns the event to batch, or settles it here (skip) or in a
-/// task of its own (dead letter).
+/// task of its own (dead letter). `shard`: the shard queue it came from, with per-record
+/// ordering.
 fn route(
     live: &Live,
     cx: &Arc<Context>,
     warnings: &mut Warnings,
     delivery: lapin::message::Delivery,
+    shard: Option<u16>,
 ) -> Option<(Key, Arc<Account>, Pending)> {
     let settings = &live.settings;
     let lapin::message::Delivery {
         delivery_tag: tag,
         exchange,
-        routing_key,
         data,
         properties,
         ..
@@ -526,7 +530,7 @@ fn route(
     let mut item = item;
     if settings.broker.per_record {
         let broker = &settings.broker;
-        let shard = shard_of_queue(routing_key.as_str(), broker)
+        let shard = shard
             .unwrap_or_else(|| shard_of(&account.id, kind.as_str(), &record_id, broker.shards));
         item.order = Some(OrderTag {
             shard,

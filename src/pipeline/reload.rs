@@ -89,13 +89,7 @@ pub fn moved_destinations(old: &Settings, new: &Settings) -> Vec<Key> {
 }
 
 fn pipelined(settings: &Settings) -> bool {
-    let largest = settings
-        .accounts
-        .values()
-        .map(|a| a.batch_size)
-        .max()
-        .unwrap_or(1);
-    settings.broker.prefetch as usize >= 2 * largest
+    settings.broker.prefetch as usize >= 2 * settings.largest_batch()
 }
 
 /// Applies a new configuration file to a running worker (SIGHUP).

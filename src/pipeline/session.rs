@@ -68,14 +68,8 @@ fn consumer_prefetch(settings: &Settings) -> u16 {
     if !broker.per_record {
         return broker.prefetch;
     }
-    let largest = settings
-        .accounts
-        .values()
-        .map(|a| a.batch_size)
-        .max()
-        .unwrap_or(1);
     let share = broker.prefetch.div_ceil(broker.shards.max(1));
-    let floor = u16::try_from(largest)
+    let floor = u16::try_from(settings.largest_batch())
         .unwrap_or(u16::MAX)
         .min(broker.prefetch);
     share.max(floor)

@@ -155,15 +155,20 @@ impl Settler {
     /// Acknowledges events delivered with a 2xx (after logging the release of those that
     /// headed a parked record).
     pub async fn delivered(&self, items: Vec<Pending>) {
-        for item in items
-            .iter()
-            .filter(|i| i.order.as_ref().is_some_and(|o| o.head))
-        {
-            self.log(item, Op::Release, None).await;
+        let ordered = self.is_ordered();
+        if ordered {
+            for item in items
+                .iter()
+                .filter(|i| i.order.as_ref().is_some_and(|o| o.head))
+            {
+                self.log(item, Op::Release, None).await;
+            }
         }
         self.ack(items.iter().map(|item| item.tag).collect());
-        for item in &items {
-            self.report(item, Fate::Done);
+        if ordered {
+            for item in &items {
+                self.report(item, Fate::Done);
+            }
         }
     }
 
