@@ -277,6 +277,10 @@ async fn node_loss(loss: Loss, figures: &str) {
                 cluster.queue_info(queue, "messages_unacknowledged").await,
             );
         }
+        eprintln!(
+            "dead-letter workers (source queue, pending, [(unconfirmed targets, sends)]):\n{}",
+            cluster.dead_letter_workers().await
+        );
     }
     step("every id delivered or dead-lettered, queues empty");
     let delivered: HashSet<String> = receiver.delivered_ids().into_iter().collect();

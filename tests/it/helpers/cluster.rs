@@ -96,6 +96,25 @@ impl Cluster {
         found
     }
 
+    /// What each running node's at-least-once dead-letter workers hold: per source queue,
+    /// the messages forwarded but not yet confirmed by their target, with the targets
+    /// still unconfirmed and how often each was sent. For a test's failure output.
+    pub async fn dead_letter_workers(&self) -> String {
+        // rabbit_fifo_dlx_worker's #state{} and #pending{} records as of RabbitMQ 3.10.
+        const EVAL: &str = "[begin S = sys:get_state(P), Ps = maps:values(element(8, S)), \
+            {element(4, element(2, S)), length(Ps), \
+             lists:usort([{[element(4, Q) || Q <- element(5, X)], element(8, X)} || X <- Ps])} \
+            end || {_, P, _, _} <- supervisor:which_children(rabbit_fifo_dlx_sup)].";
+        let mut out = String::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            if !self.stopped[i] {
+                let held = super::rabbitmqctl(Some(&node.name), &["eval", EVAL]).await;
+                out.push_str(&format!("node {i}: {}\n", held.trim()));
+            }
+        }
+        out
+    }
+
     /// Stops node `i`; the others keep the cluster (a majority of every queue's members).
     pub async fn stop(&mut self, i: usize) {
         self.nodes[i].stop().await;
