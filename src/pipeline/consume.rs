@@ -25,7 +25,7 @@ use super::reload::{self, Live};
 use super::session::Session;
 use super::settle::{DeadLetter, OrderTag, Pending, Resolved, UNKNOWN_ACCOUNT};
 use super::warnings::{Kind, Warnings};
-use crate::broker::headers::Trail;
+use crate::broker::headers::{Carried, Trail};
 use crate::broker::parking::{self, Op, ParkingLog};
 use crate::config::{Account, Settings};
 use crate::event;
@@ -482,13 +482,15 @@ fn route(
     });
     // Read before the body moves into its `Pending`, and only for an invalid event.
     let labels = parsed.is_err().then(|| invalid_labels(&data, settings));
-    let pending = |id: String, lag_from, properties| Pending {
+    let carried = Carried::of(&properties);
+    drop(properties);
+    let pending = |id: String, lag_from, carried| Pending {
         body: data.into(),
         id,
         lag_from,
         first_seen,
         consumed_at: Instant::now(),
-        properties,
+        carried,
         trail,
         tag,
         order: None,
@@ -497,7 +499,7 @@ fn route(
         Ok(parsed) => parsed,
         Err(invalid) => {
             // What a warning about an invalid event may show of it.
-            let label = match properties.message_id() {
+            let label = match carried.message_id() {
                 Some(id) => id.to_string(),
                 None => format!("(delivery {tag})"),
             };
@@ -505,12 +507,12 @@ fn route(
             line.iter().for_each(|line| line.log());
             let (account, kind) = labels.expect("labels are read for an invalid event");
             let dead = dead_letter("invalid_event", &account, kind, invalid.0);
-            spawn_dead_letter(cx, pending(String::new(), first_seen, properties), dead);
+            spawn_dead_letter(cx, pending(String::new(), first_seen, carried), dead);
             return None;
         }
     };
     let lag_from = occurred_at.map(SystemTime::from).unwrap_or(first_seen);
-    let item = pending(id, lag_from, properties);
+    let item = pending(id, lag_from, carried);
     let Some(account) = settings.accounts.get(&account_id) else {
         let error = format!("account {account_id:?} is not configured");
         let line = warnings.note(Kind::UnknownAccount, &item.id, &error, Instant::now());

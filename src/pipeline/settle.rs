@@ -12,7 +12,6 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::future::join_all;
-use lapin::BasicProperties;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -22,7 +21,7 @@ use super::decide::{Failure, MAX_HOLD, Next, next_tier};
 use super::order::{Fate, RecordKey};
 use crate::broker::Publisher;
 use crate::broker::acks::Acks;
-use crate::broker::headers::{Trail, republish_properties};
+use crate::broker::headers::{Carried, Trail, republish_properties};
 use crate::broker::parking::{self, Entry, Op, ParkingLog};
 use crate::broker::publish::PUBLISH_TIMEOUT;
 use crate::config::{BrokerSettings, RetrySettings};
@@ -39,7 +38,8 @@ pub struct Pending {
     pub first_seen: SystemTime,
     /// When this delivery arrived: how long it has been held unacknowledged.
     pub consumed_at: Instant,
-    pub properties: BasicProperties,
+    /// What a copy takes from the message's properties.
+    pub carried: Carried,
     /// What courier recorded on it before, if it put it back itself.
     pub trail: Trail,
     /// The delivery tag on its channel.
@@ -355,8 +355,8 @@ impl Settler {
         if self.session.is_cancelled() {
             return false;
         }
-        let headers = trail.write(item.properties.headers().as_ref());
-        let properties = republish_properties(&item.properties, headers);
+        let headers = trail.write(item.carried.headers());
+        let properties = republish_properties(&item.carried, headers);
         let deadline = republish_deadline(item.consumed_at, Instant::now());
         let mut delay = REPUBLISH_BACKOFF;
         let mut tries = 1;
@@ -416,5 +416,13 @@ mod tests {
         assert_eq!(republish_deadline(consumed, soon), consumed + MAX_HOLD);
         let late = consumed + MAX_HOLD;
         assert_eq!(republish_deadline(consumed, late), late + PUBLISH_TIMEOUT);
+    }
+
+    /// Every message of the prefetch window waits as a `Pending` (docs/design.md,
+    /// "Memory"): what it holds besides its body stays small.
+    #[test]
+    fn a_waiting_event_stays_small() {
+        let size = std::mem::size_of::<Pending>();
+        assert!(size <= 336, "a Pending takes {size} bytes");
     }
 }
