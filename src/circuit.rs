@@ -85,7 +85,8 @@ impl<K: Eq + Hash + Clone> Breakers<K> {
     }
 
     /// Forgets `key`: its circuit is closed and its count starts again (a destination
-    /// whose URL changed is another destination). Returns a change if it was open.
+    /// whose URL or TLS identity changed is another destination). Returns a change if it
+    /// was open.
     pub fn reset(&mut self, key: &K) -> Option<Change> {
         self.success(key)
     }

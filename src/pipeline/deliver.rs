@@ -13,14 +13,13 @@ use std::time::SystemTime;
 use secrecy::ExposeSecret;
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
-use url::Url;
 
 use super::Key;
 use super::batch::Limits;
 use super::decide::{
     self, Attempted, CircuitNote, MAX_HOLD, Progress, Step, circuit_note, immediate_backoff,
 };
-use super::reload::Live;
+use super::reload::{self, Live};
 use super::session::Tasks;
 use super::settle::{DeadLetter, Pending, Settler};
 use super::warnings::DeadLetterLog;
@@ -36,8 +35,8 @@ use crate::sign;
 pub struct Deliveries {
     pub metrics: Arc<Metrics>,
     pub circuits: Mutex<Breakers<Key>>,
-    /// The configuration in force (reloads replace it): whether a batch's URL is still
-    /// its destination's.
+    /// The configuration in force (reloads replace it): whether a batch's URL and TLS
+    /// identity are still its destination's.
     pub settings: watch::Receiver<Arc<Settings>>,
     /// Dead-letterings logged, summarised per account, type and reason.
     pub dead_log: Mutex<DeadLetterLog>,
@@ -53,20 +52,21 @@ impl Deliveries {
         }
     }
 
-    /// Whether `url` is still the URL of destination `key`: a batch formed before a
-    /// reload that moved it tells nothing about the new receiver.
-    fn is_current(&self, key: &Key, url: &Url) -> bool {
+    /// Whether destination `key` is still reached as under `formed`, the settings a batch
+    /// was formed under: a batch formed before a reload that moved it (another URL or TLS
+    /// identity) tells nothing about the new receiver.
+    fn is_current(&self, key: &Key, formed: &Settings) -> bool {
         let settings = self.settings.borrow();
-        let account = settings.accounts.get(&*key.0);
-        account.and_then(|a| a.url(key.1)) == Some(url)
+        std::ptr::eq(&**settings, formed) || reload::same_destination(formed, &settings, key)
     }
 
-    /// Closes the circuits of destinations whose URL changed: another receiver.
+    /// Closes the circuits of destinations reached another way (URL or TLS identity):
+    /// another receiver.
     pub fn reset_circuits(&self, moved: &[Key]) {
         let mut circuits = self.circuits.lock().expect("circuit lock");
         for key in moved {
             if circuits.reset(key).is_some() {
-                tracing::info!(account = %key.0, r#type = %key.1, "circuit closed: the destination's URL changed");
+                tracing::info!(account = %key.0, r#type = %key.1, "circuit closed: the destination's URL or TLS identity changed");
                 self.metrics.set_circuit_open(&key.0, key.1, false);
             }
         }
@@ -202,14 +202,13 @@ impl Context {
             return Attempted::CircuitOpen { cause };
         }
         let probe = ProbeGuard::new(&self.shared, key, admission);
-        let url = request.url;
         let outcome = self.send(live, request, key, destination).await;
-        if self.shared.is_current(key, url) {
+        if self.shared.is_current(key, &live.settings) {
             probe.disarm();
             self.note_circuit(key, admission, &outcome, &live.settings.circuit);
         }
-        // Otherwise the URL was changed by a reload meanwhile: the outcome is not the new
-        // receiver's (an armed probe guard lets the next batch probe).
+        // Otherwise a reload changed the URL or TLS identity meanwhile: the outcome is not
+        // the new receiver's (an armed probe guard lets the next batch probe).
         Attempted::Sent { admission, outcome }
     }
 

@@ -70,9 +70,12 @@ fn identities(settings: &Settings) -> std::collections::HashSet<&crate::config::
         .collect()
 }
 
-/// The destinations of accounts in both `old` and `new` whose URL changed: another
-/// receiver, so their circuits start closed (docs/operations.md, "The circuit breaker").
-/// The whole URL counts, path included: a corrected path is a fix as much as a host.
+/// The destinations of accounts in both `old` and `new` that are reached another way:
+/// another receiver, or the same one with another TLS identity, so their circuits start
+/// closed (docs/operations.md, "The circuit breaker"). The whole URL counts, path
+/// included: a corrected path is a fix as much as a host. So do the account's client
+/// certificate and key, and `delivery.ca_file` for every destination: a corrected or
+/// renewed file is a fix as much as a URL.
 pub fn moved_destinations(old: &Settings, new: &Settings) -> Vec<Key> {
     let mut moved = Vec::new();
     for (id, account) in &new.accounts {
@@ -80,12 +83,26 @@ pub fn moved_destinations(old: &Settings, new: &Settings) -> Vec<Key> {
             continue;
         };
         for kind in [RecordType::Company, RecordType::Contact] {
-            if account.url(kind) != before.url(kind) {
-                moved.push((account.id.clone(), kind));
+            let key = (account.id.clone(), kind);
+            let routed = account.url(kind).is_some() || before.url(kind).is_some();
+            if routed && !same_destination(old, new, &key) {
+                moved.push(key);
             }
         }
     }
     moved
+}
+
+/// Whether destination `key` is reached the same way under `old` and `new`: the same URL,
+/// client certificate and key (as read from their files) and `delivery.ca_file`. A batch
+/// formed under `old` tells nothing about the destination under `new` otherwise.
+pub fn same_destination(old: &Settings, new: &Settings, key: &Key) -> bool {
+    let (Some(before), Some(after)) = (old.accounts.get(&*key.0), new.accounts.get(&*key.0)) else {
+        return false;
+    };
+    before.url(key.1) == after.url(key.1)
+        && before.client_identity == after.client_identity
+        && old.delivery.ca == new.delivery.ca
 }
 
 fn pipelined(settings: &Settings) -> bool {
@@ -178,5 +195,85 @@ mod tests {
             vec![key("a", RecordType::Company), key("b", RecordType::Contact)]
         );
         assert!(moved_destinations(&new, &new).is_empty());
+    }
+
+    /// A self-signed certificate and its key, `<stem>.pem` and `<stem>.key` in `dir`,
+    /// made by the `openssl` command (as the TLS integration tests make theirs).
+    fn self_signed(dir: &Path, stem: &str) {
+        let status = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+            .args(["-subj", &format!("/CN={stem}"), "-keyout"])
+            .arg(dir.join(format!("{stem}.key")))
+            .arg("-out")
+            .arg(dir.join(format!("{stem}.pem")))
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl runs");
+        assert!(status.success(), "openssl req failed");
+    }
+
+    #[test]
+    fn a_changed_client_certificate_or_ca_file_moves_its_destinations() {
+        let dir = std::env::temp_dir().join(format!("courier-reload-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        self_signed(&dir, "one");
+        self_signed(&dir, "two");
+        // Files named relative to the configuration file, read anew by each parse.
+        let load = |delivery: &str, identity: &str| {
+            let text = format!(
+                "[delivery]\n{delivery}\n[broker]\nurl = \"amqp://127.0.0.1:5672/%2f\"\n\
+                 [[account]]\nid = \"a\"\ncompanies_url = \"https://a.example/\"\n\
+                 contacts_url = \"https://a.example/c\"\n{identity}\n\
+                 [[account]]\nid = \"b\"\ncompanies_url = \"https://b.example/\"\n"
+            );
+            config::parse(&dir.join("courier.toml"), &text, &|_| None).expect("valid")
+        };
+        let identity =
+            |stem: &str| format!("client_cert = \"{stem}.pem\"\nclient_key = \"{stem}.key\"");
+        let key = |id: &str, kind| (Arc::<str>::from(id), kind);
+        let moved = |old: &Settings, new: &Settings| {
+            let mut moved = moved_destinations(old, new);
+            moved.sort();
+            moved
+        };
+        let both_of_a = vec![key("a", RecordType::Company), key("a", RecordType::Contact)];
+
+        // The same files read again: nothing moved.
+        let before = load("", &identity("one"));
+        assert!(moved(&before, &load("", &identity("one"))).is_empty());
+        // A client certificate added, replaced or removed: that account's destinations.
+        assert_eq!(moved(&load("", ""), &before), both_of_a);
+        assert_eq!(moved(&before, &load("", &identity("two"))), both_of_a);
+        assert_eq!(moved(&before, &load("", "")), both_of_a);
+        // Same paths, new contents (a renewed certificate): moved too.
+        std::fs::copy(dir.join("two.pem"), dir.join("one.pem")).unwrap();
+        std::fs::copy(dir.join("two.key"), dir.join("one.key")).unwrap();
+        assert_eq!(moved(&before, &load("", &identity("one"))), both_of_a);
+
+        // delivery.ca_file added, changed or removed: every destination.
+        let every = vec![
+            key("a", RecordType::Company),
+            key("a", RecordType::Contact),
+            key("b", RecordType::Company),
+        ];
+        let (ca_one, ca_two) = ("ca_file = \"one.pem\"", "ca_file = \"two.pem\"");
+        assert_eq!(moved(&load("", ""), &load(ca_two, "")), every);
+        // The same certificates at another path: not moved.
+        std::fs::copy(dir.join("two.pem"), dir.join("three.pem")).unwrap();
+        assert!(moved(&load(ca_two, ""), &load("ca_file = \"three.pem\"", "")).is_empty());
+        self_signed(&dir, "one");
+        assert_eq!(moved(&load(ca_one, ""), &load(ca_two, "")), every);
+        assert_eq!(moved(&load(ca_one, ""), &load("", "")), every);
+
+        // A batch formed under the old file is not the destination's any more.
+        let (old, new) = (load("", ""), load("", &identity("two")));
+        assert!(!same_destination(
+            &old,
+            &new,
+            &key("a", RecordType::Company)
+        ));
+        assert!(same_destination(&old, &new, &key("b", RecordType::Company)));
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -332,36 +332,6 @@ headers = {{ Authorization = "Bearer tok-123", X-Tenant = "acme" }}
     );
 }
 
-/// Runs a receiver example of docs/examples with `interpreter`: exit code, stdout,
-/// stderr. A missing interpreter fails the test in CI (`CI=true`) and wherever it is
-/// `required`, and skips the example elsewhere.
-fn run_example(
-    interpreter: &str,
-    script: &str,
-    args: &[&str],
-    required: bool,
-) -> Option<(i32, String, String)> {
-    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-    let path = format!("{}/docs/examples/{script}", env!("CARGO_MANIFEST_DIR"));
-    match std::process::Command::new(interpreter)
-        .arg(&path)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-    {
-        Ok(out) => Some((
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !(required || in_ci) => {
-            eprintln!("{interpreter} not installed: {script} not run");
-            None
-        }
-        Err(e) => panic!("{interpreter} {script}: {e}"),
-    }
-}
-
 #[test]
 fn the_receiver_examples_accept_exactly_what_courier_signs() {
     let dir = temp_dir();

@@ -146,6 +146,9 @@ async fn an_mtls_receiver_accepts_the_configured_client_certificate_and_refuses_
     worker.shutdown().await;
 }
 
+/// A reload that adds the missing client certificate also closes the circuit the refusals
+/// opened: the next events go out at once, long before the cooldown
+/// (docs/operations.md, "The circuit breaker").
 #[tokio::test]
 async fn client_certificates_are_read_again_on_reload() {
     let certs = TestCerts::generate();
@@ -155,6 +158,7 @@ async fn client_certificates_are_read_again_on_reload() {
     let spec = ConfigSpec {
         delivery: format!("ca_file = \"{}\"", certs.file("ca.pem")),
         retry: ONE_ATTEMPT.into(),
+        top: "[circuit]\nfailure_threshold = 1\ncooldown = \"60s\"\nmax_cooldown = \"60s\"".into(),
         accounts: account("acme", &receiver.url("/acme"), ""),
         ..Default::default()
     };
@@ -169,9 +173,17 @@ async fn client_certificates_are_read_again_on_reload() {
             &[("result", result)],
         )
     };
-    // No client certificate yet: refused.
+    let circuit_open = || async move {
+        metric_value(
+            &http_get(admin, "/metrics").await.1,
+            "courier_circuit_open",
+            &[("account", "acme"), ("type", "company")],
+        )
+    };
+    // No client certificate yet: refused, and the circuit opens.
     broker.publish(&bodies("before", "acme", 1)).await;
     assert_eq!(retried(&broker, &names, 1).await.len(), 1);
+    assert_eq!(circuit_open().await, 1.0, "the circuit did not open");
 
     // A key file that cannot be read: the reload is refused, naming the key.
     let with_identity = |key: &str| {
@@ -197,7 +209,14 @@ async fn client_certificates_are_read_again_on_reload() {
     assert!(log.contains("account.client_key"), "{log}");
     assert!(!log.contains("/nonexistent"), "the path is not printed");
 
-    // The files as they are now, read on reload: the certificate is presented.
+    assert_eq!(
+        circuit_open().await,
+        1.0,
+        "a refused reload closed the circuit"
+    );
+
+    // The files as they are now, read on reload: the certificate is presented, and the
+    // destination, reached with another identity, starts with a closed circuit.
     std::fs::write(&path, with_identity(&certs.file("client.key"))).unwrap();
     sighup(&running.proc.0);
     assert!(
@@ -206,6 +225,13 @@ async fn client_certificates_are_read_again_on_reload() {
         })
         .await,
         "the reload was not applied"
+    );
+    assert!(
+        eventually_async(Duration::from_secs(5), || async {
+            circuit_open().await == 0.0
+        })
+        .await,
+        "the reload kept the circuit open"
     );
     let after = bodies("after", "acme", 3);
     broker.publish(&after).await;

@@ -56,3 +56,32 @@ pub fn node(test: &str) -> Option<Command> {
     cmd.env("NODE_PATH", dir.join("node/node_modules"));
     Some(cmd)
 }
+
+/// Runs a receiver example of docs/examples with `interpreter`: exit code, stdout,
+/// stderr. A missing interpreter fails the test in CI (`CI=true`) and wherever it is
+/// `required`, and skips the example elsewhere.
+pub fn run_example(
+    interpreter: &str,
+    script: &str,
+    args: &[&str],
+    required: bool,
+) -> Option<(i32, String, String)> {
+    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    match Command::new(interpreter)
+        .arg(repo_root().join("docs/examples").join(script))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+    {
+        Ok(out) => Some((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !(required || in_ci) => {
+            eprintln!("{interpreter} not installed: {script} not run");
+            None
+        }
+        Err(e) => panic!("{interpreter} {script}: {e}"),
+    }
+}
