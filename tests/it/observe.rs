@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -66,8 +66,9 @@ fn prometheus_binary() -> Option<PathBuf> {
 
 /// A Prometheus of the test's own: its own loopback port and data directory.
 struct Prometheus {
-    _proc: Proc,
+    proc: Proc,
     port: u16,
+    dir: PathBuf,
 }
 
 impl Prometheus {
@@ -99,7 +100,67 @@ impl Prometheus {
             "prometheus not ready:\n{}",
             std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default()
         );
-        Self { _proc: proc, port }
+        Self {
+            proc,
+            port,
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// Writes a new configuration file and has Prometheus read it (and the rule files)
+    /// again; `targets_of` shows when it took effect.
+    fn reload(&self, config: &str) {
+        std::fs::write(self.dir.join("prometheus.yml"), config).unwrap();
+        sighup(&self.proc.0);
+    }
+
+    /// The active scrape targets of `job`.
+    async fn targets_of(&self, job: &str) -> usize {
+        let data = self.api("targets", &[("state", "active")]).await.unwrap();
+        data["activeTargets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["labels"]["job"] == job)
+            .count()
+    }
+
+    /// The alerts firing now, as (alert name, `instance` label or "").
+    async fn firing(&self) -> HashSet<(String, String)> {
+        let alerts = self.api("alerts", &[]).await.unwrap();
+        alerts["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["state"] == "firing")
+            .map(|a| {
+                let label = |name: &str| a["labels"][name].as_str().unwrap_or("").to_owned();
+                (label("alertname"), label("instance"))
+            })
+            .collect()
+    }
+
+    /// Polls the alerts until each of `wanted` (alert name, and `instance` where given:
+    /// "" for an alert without one) has been seen firing, or `timeout` passes. Returns
+    /// whether all were seen, and everything seen firing.
+    async fn await_firing(
+        &self,
+        wanted: &[(&str, Option<&str>)],
+        timeout: Duration,
+    ) -> (bool, HashSet<(String, String)>) {
+        let mut seen = HashSet::new();
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            seen.extend(self.firing().await);
+            let all = wanted.iter().all(|(name, instance)| {
+                seen.iter()
+                    .any(|(n, i)| n == name && instance.is_none_or(|want| want == i))
+            });
+            if all || std::time::Instant::now() > deadline {
+                return (all, seen);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     /// GET `/api/v1/<path>` with `params`; the `data` of a successful answer.
@@ -146,16 +207,23 @@ fn substitute(expr: &str, prefix: &str) -> String {
 }
 
 /// An alert's expression without its threshold: each operand of a top-level `and on()`,
-/// its trailing comparison with a number removed.
+/// `unless on()` or `or`, its trailing comparison with a number removed, and the selector
+/// inside an `absent(...)` (which returns nothing while that selector finds series).
 fn without_threshold(expr: &str) -> Vec<String> {
     // Prometheus's rules API prints `on ()`, the file says `on()`.
-    expr.replace("on ()", "on()")
-        .split("and on()")
+    let expr = expr.replace("on ()", "on()");
+    expr.split("and on()")
+        .flat_map(|part| part.split("unless on()"))
+        .flat_map(|part| part.split(" or "))
         .map(|part| {
             let part = part.trim();
             let part = part
                 .strip_prefix('(')
                 .and_then(|p| p.strip_suffix(')'))
+                .or_else(|| {
+                    part.strip_prefix("absent(")
+                        .and_then(|p| p.strip_suffix(')'))
+                })
                 .unwrap_or(part);
             let cut = part
                 .rfind(['>', '<', '='])
@@ -167,16 +235,44 @@ fn without_threshold(expr: &str) -> Vec<String> {
         .collect()
 }
 
-/// The rule file with every `for:` cut to 1 s, so a test run can see alerts fire.
+/// The rule file with every `for:` cut to 1 s and every range (`[10m]`) to 10 s, so a
+/// test run can see alerts fire, and see "nothing delivered lately" a few seconds after
+/// the last delivery.
 fn test_rules(rules: &str) -> String {
     rules
         .lines()
         .map(|line| match line.trim_start().strip_prefix("for:") {
             Some(_) => format!("{}for: 1s", &line[..line.len() - line.trim_start().len()]),
-            None => line.to_owned(),
+            None => short_ranges(line),
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// `line` with every range such as `[10m]` or `[1h]` made `[10s]`; other brackets (a
+/// regex's `[0-9]`) stay.
+fn short_ranges(line: &str) -> String {
+    let mut out = String::new();
+    let mut rest = line;
+    while let Some(open) = rest.find('[') {
+        out.push_str(&rest[..open]);
+        rest = &rest[open..];
+        let Some(close) = rest.find(']') else {
+            break;
+        };
+        let inner = &rest[1..close];
+        let is_range = inner.len() > 1
+            && inner.ends_with(['s', 'm', 'h', 'd'])
+            && inner[..inner.len() - 1].bytes().all(|b| b.is_ascii_digit());
+        if is_range {
+            out.push_str("[10s]");
+        } else {
+            out.push_str(&rest[..=close]);
+        }
+        rest = &rest[close + 1..];
+    }
+    out.push_str(rest);
+    out
 }
 
 fn promtool_check(rules: &Path) {
@@ -294,8 +390,14 @@ companies_url = "{}"
     )
     .unwrap();
     promtool_check(&dir.join("rules.yml"));
-    let prom_config = format!(
-        r#"
+    // The courier job is named as in deploy/ (the alerts select job="courier").
+    let prom_config = |couriers: &[u16]| {
+        let targets: Vec<String> = couriers
+            .iter()
+            .map(|port| format!("\"127.0.0.1:{port}\""))
+            .collect();
+        format!(
+            r#"
 global:
   scrape_interval: 1s
   evaluation_interval: 1s
@@ -303,7 +405,7 @@ rule_files: ["{rules}"]
 scrape_configs:
   - job_name: courier
     static_configs:
-      - targets: ["127.0.0.1:{a}", "127.0.0.1:{b}"]
+      - targets: [{targets}]
   - job_name: rabbitmq
     scrape_interval: 2s
     metrics_path: /metrics/per-object
@@ -314,25 +416,26 @@ scrape_configs:
         regex: "({prefix}\\..*)?"
         action: keep
 "#,
-        rules = dir.join("rules.yml").display(),
-        a = a.admin,
-        b = b.admin,
-        prefix = names.prefix,
-    );
-    let prom = Prometheus::start(&binary, &dir, &prom_config).await;
+            rules = dir.join("rules.yml").display(),
+            targets = targets.join(", "),
+            prefix = names.prefix,
+        )
+    };
+    let prom = Prometheus::start(&binary, &dir, &prom_config(&[a.admin, b.admin])).await;
 
     // The load runs until the end of the test.
     let loading = Arc::new(AtomicBool::new(true));
+    let sent = Arc::new(AtomicUsize::new(0));
     let load = tokio::spawn({
-        let (broker, loading) = (broker.clone(), loading.clone());
+        let (broker, loading, sent) = (broker.clone(), loading.clone(), sent.clone());
         async move {
             let mut tick = 0;
             while loading.load(Ordering::SeqCst) {
                 broker.publish(&load_tick(tick)).await;
                 tick += 1;
+                sent.store(tick, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            tick
         }
     });
     let started = std::time::SystemTime::now();
@@ -342,19 +445,11 @@ scrape_configs:
     tokio::time::sleep(Duration::from_secs(seconds - seconds / 3)).await;
 
     // The two induced alerts fire.
-    let wanted = ["CourierBrokerDisconnected", "CourierDeadLettersGrowing"];
-    let mut firing = HashSet::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(40);
-    while !wanted.iter().all(|w| firing.contains(*w)) && std::time::Instant::now() < deadline {
-        let alerts = prom.api("alerts", &[]).await.unwrap();
-        for alert in alerts["alerts"].as_array().unwrap() {
-            if alert["state"] == "firing" {
-                firing.insert(alert["labels"]["alertname"].as_str().unwrap().to_owned());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let fired = wanted.iter().all(|w| firing.contains(*w));
+    let wanted = [
+        ("CourierBrokerDisconnected", None),
+        ("CourierDeadLettersGrowing", None),
+    ];
+    let (fired, firing) = prom.await_firing(&wanted, Duration::from_secs(40)).await;
     assert!(fired, "firing: {firing:?}; wanted {wanted:?}");
 
     // Every dashboard expression parses and returns series.
@@ -404,7 +499,7 @@ scrape_configs:
             }
         }
     }
-    assert_eq!(alerts, 6, "every alert of alerts.yml is loaded");
+    assert_eq!(alerts, 7, "every alert of alerts.yml is loaded");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 
     // The main panels over the run, for the README picture (tools/plot-dashboard.py).
@@ -431,8 +526,7 @@ scrape_configs:
             .unwrap();
         ranges.push(serde_json::json!({"panel": panel, "expr": expr, "result": data["result"]}));
     }
-    loading.store(false, Ordering::SeqCst);
-    let ticks = load.await.unwrap();
+    let ticks = sent.load(Ordering::SeqCst);
     let out = root.join("target/prometheus-proof");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(
@@ -444,8 +538,39 @@ scrape_configs:
         .to_string(),
     )
     .unwrap();
+
+    // Courier gone. First, while both couriers answer their scrapes and A delivers,
+    // neither CourierDown nor CourierDeliveryStalled fires.
+    let now = prom.firing().await;
+    assert!(
+        !now.iter()
+            .any(|(name, _)| name == "CourierDown" || name == "CourierDeliveryStalled"),
+        "firing while every courier is up and delivering: {now:?}"
+    );
+    // Courier B stops: its target fails its scrapes (up == 0).
+    let b_target = format!("127.0.0.1:{}", b.admin);
     drop(b);
+    let wanted = [("CourierDown", Some(b_target.as_str()))];
+    let (fired, firing) = prom.await_firing(&wanted, Duration::from_secs(30)).await;
+    assert!(fired, "firing: {firing:?}; wanted {wanted:?}");
+    // Courier A stops too while events keep coming, and Prometheus loses every courier
+    // target (as when service discovery finds none): no courier series at all. The
+    // delivery queue fills; both alerts must fire without courier's series.
     drop(a);
+    prom.reload(&prom_config(&[]));
+    let reloaded = eventually_async(Duration::from_secs(20), || async {
+        prom.targets_of("courier").await == 0
+    })
+    .await;
+    assert!(
+        reloaded,
+        "prometheus still scrapes courier after the reload"
+    );
+    let wanted = [("CourierDown", Some("")), ("CourierDeliveryStalled", None)];
+    let (fired, firing) = prom.await_firing(&wanted, Duration::from_secs(40)).await;
+    assert!(fired, "firing: {firing:?}; wanted {wanted:?}");
+    loading.store(false, Ordering::SeqCst);
+    load.await.unwrap();
 }
 
 #[test]
@@ -460,7 +585,17 @@ fn thresholds_are_cut_from_alert_expressions() {
     );
     assert_eq!(without_threshold("x / y\n  > 0.5"), ["x / y"]);
     assert_eq!(
-        test_rules("  - alert: A\n    for: 10m"),
-        "  - alert: A\n    for: 1s"
+        without_threshold("(sum(a{q=~\"x\"}) > 0) unless on () (sum(rate(b[5m])) > 0)"),
+        ["sum(a{q=~\"x\"})", "sum(rate(b[5m]))"]
+    );
+    assert_eq!(
+        without_threshold("up{job=\"courier\"} == 0 or absent(up{job=\"courier\"})"),
+        ["up{job=\"courier\"}", "up{job=\"courier\"}"]
+    );
+    assert_eq!(
+        test_rules(
+            "  - alert: A\n    for: 10m\n    expr: rate(a{q=~\"x(\\\\.[0-9]+)?\"}[10m]) + b[1h]"
+        ),
+        "  - alert: A\n    for: 1s\n    expr: rate(a{q=~\"x(\\\\.[0-9]+)?\"}[10s]) + b[10s]"
     );
 }

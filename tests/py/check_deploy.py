@@ -12,7 +12,10 @@
 - deploy/k8s facts: termination grace above shutdown_timeout, probes on /healthz and
   /readyz, non-root, read-only root filesystem, the PrometheusRule holds alerts.yml's
   groups, KEDA watches the ConfigMap's delivery queue;
-- every alert's runbook_url points to a heading of docs/operations.md.
+- every alert's runbook_url points to a heading of docs/operations.md;
+- the scrape job the alerts select (job="...") is the job courier is scraped as in
+  deploy/compose/prometheus.yml and through the ServiceMonitor (its jobLabel on the
+  Service, else the Service's name).
 
 Writes OUT_DIR/configs.json: each courier configuration found in deploy/ (its origin,
 its text with webhook URL hosts made "localhost" so that `courier check` resolves
@@ -249,6 +252,24 @@ def check_runbooks(repo):
                 fail(f"alert {rule['alert']}: runbook {url} is no heading of docs/operations.md")
 
 
+def check_scrape_job(repo, kinds):
+    text = open(os.path.join(repo, "deploy/prometheus/alerts.yml")).read()
+    jobs = set(re.findall(r'job="([^"]+)"', text))
+    if len(jobs) != 1:
+        fail(f"alerts.yml: the alerts select {sorted(jobs)}, not one scrape job")
+        return
+    job = jobs.pop()
+    prometheus = yaml.safe_load(open(os.path.join(repo, "deploy/compose/prometheus.yml")))
+    if job not in [c["job_name"] for c in prometheus["scrape_configs"]]:
+        fail(f"deploy/compose/prometheus.yml: no scrape job {job}, which the alerts select")
+    monitor, service = kinds.get("ServiceMonitor"), kinds.get("Service")
+    if monitor and service:
+        label = monitor["spec"].get("jobLabel")
+        k8s_job = service["metadata"].get("labels", {}).get(label) or service["metadata"]["name"]
+        if k8s_job != job:
+            fail(f"ServiceMonitor: scrapes courier as job {k8s_job}, the alerts select {job}")
+
+
 def configs(repo, docs, kinds):
     out = []
 
@@ -277,6 +298,7 @@ def main(repo, out_dir):
     check_dockerfile(repo)
     kinds = check_k8s(repo, docs)
     check_runbooks(repo)
+    check_scrape_job(repo, kinds)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "configs.json"), "w") as f:
         json.dump(configs(repo, docs, kinds), f)
