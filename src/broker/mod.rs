@@ -104,12 +104,20 @@ impl BrokerError {
 
 /// What a lapin error says, in one line: the broker's own reply (`NOT_FOUND - no queue
 /// 'courier.dead' in vhost '/'`) rather than lapin's wrapping of it, and what to do about
-/// a refused login.
+/// a refused login: by password, or by client certificate with `?auth_mechanism=external`
+/// (docs/configuration.md, "x509 authentication").
 pub fn reason(error: &lapin::Error) -> String {
     match error.kind() {
         lapin::ErrorKind::ProtocolError(amqp) => {
             let text = amqp.get_message().to_string();
-            if text.starts_with("ACCESS_REFUSED - Login was refused") {
+            if text.starts_with(
+                "ACCESS_REFUSED - Login was refused using authentication mechanism EXTERNAL",
+            ) {
+                "the broker refused the client certificate's login (auth_mechanism=external): \
+                 it needs a user named after the certificate's CN (ssl_cert_login_from = \
+                 common_name) with permissions on the vhost"
+                    .into()
+            } else if text.starts_with("ACCESS_REFUSED - Login was refused") {
                 "the broker refused the login: check the user and password of broker.url \
                  (or COURIER_AMQP_URL)"
                     .into()
@@ -234,7 +242,9 @@ fn tls_config(url: &BrokerUrl) -> OwnedTLSConfig {
 /// Reads the server version from the broker's `connection.start` on a short probe
 /// connection, TLS included for `amqps` (lapin does not expose the server properties),
 /// and refuses a version older than [`MIN_VERSION`]. A TLS failure (unknown CA, another
-/// name, a refused client certificate) shows here, with its reason.
+/// name, a refused client certificate) shows here, with its reason, and so does a broker
+/// that does not offer the login `?auth_mechanism=` asks for (docs/configuration.md,
+/// "x509 authentication").
 async fn probe_version(
     url: &BrokerUrl,
     uri: &AMQPUri,
@@ -271,16 +281,22 @@ async fn probe_version(
                 return Err(std::io::Error::other("the broker closed the connection"));
             }
             buf.extend_from_slice(&chunk[..n]);
-            if let Some(version) = server_version(&buf)? {
+            if let Some(greeting) = greeting(&buf)? {
                 let _ = stream.close().await;
-                return Ok(version);
+                return Ok(greeting);
             }
         }
     };
-    let version = tokio::time::timeout(Duration::from_secs(10), read)
+    let Greeting {
+        version,
+        mechanisms,
+    } = tokio::time::timeout(Duration::from_secs(10), read)
         .await
         .map_err(|_| unreachable("timed out reading the server greeting".into()))?
         .map_err(|e| unreachable(tls_reason(&e)))?;
+    if let Some(missing) = unoffered_mechanism(uri, &mechanisms) {
+        return Err(unreachable(missing));
+    }
     if !version_at_least(&version, MIN_VERSION) {
         return Err(BrokerError::TooOld {
             node: url.display.clone(),
@@ -304,9 +320,43 @@ fn tls_reason(error: &std::io::Error) -> String {
     text
 }
 
-/// The `version` server property of a complete `connection.start` frame in `buf`;
-/// `Ok(None)` while more bytes are needed.
-fn server_version(buf: &[u8]) -> std::io::Result<Option<String>> {
+/// What a broker's `connection.start` says that courier checks.
+#[derive(Debug, PartialEq)]
+struct Greeting {
+    /// The `version` server property (`unknown` when there is none).
+    version: String,
+    /// The login mechanisms offered, space-separated (`PLAIN AMQPLAIN`, `EXTERNAL PLAIN`).
+    mechanisms: String,
+}
+
+/// Why the broker cannot take the login the URL asks for (`?auth_mechanism=`, PLAIN
+/// when unset): it does not offer that mechanism. lapin would try it anyway, and the
+/// broker would close the connection without saying why. `None` when it is offered.
+fn unoffered_mechanism(uri: &AMQPUri, offered: &str) -> Option<String> {
+    use lapin::uri::SASLMechanism;
+    let wanted = uri.query.auth_mechanism.unwrap_or_default();
+    let name = wanted.name();
+    if offered.split_whitespace().any(|m| m == name) {
+        return None;
+    }
+    Some(match wanted {
+        SASLMechanism::External => format!(
+            "the broker does not offer x509 authentication (auth_mechanism=external) on this \
+             connection, only {offered:?}: it needs the rabbitmq_auth_mechanism_ssl plugin, \
+             EXTERNAL in auth_mechanisms, and an amqps listener that asks for the client \
+             certificate"
+        ),
+        SASLMechanism::Plain => format!(
+            "the broker does not offer password logins (PLAIN), only {offered:?}: to log in \
+             with the client certificate add ?auth_mechanism=external to broker.url"
+        ),
+        _ => format!("the broker does not offer the login mechanism {name}, only {offered:?}"),
+    })
+}
+
+/// The greeting in a complete `connection.start` frame in `buf`; `Ok(None)` while more
+/// bytes are needed.
+fn greeting(buf: &[u8]) -> std::io::Result<Option<Greeting>> {
     use amq_protocol::frame::{AMQPFrame, parse_frame};
     use amq_protocol::protocol::{AMQPClass, connection::AMQPMethod};
     use amq_protocol::types::AMQPValue;
@@ -331,7 +381,10 @@ fn server_version(buf: &[u8]) -> std::io::Result<Option<String>> {
         Some(AMQPValue::ShortString(s)) => s.as_str().to_owned(),
         _ => String::from("unknown"),
     };
-    Ok(Some(version))
+    Ok(Some(Greeting {
+        version,
+        mechanisms: start.mechanisms.to_string(),
+    }))
 }
 
 /// Compares a dotted version with `(major, minor)`; an unparsable version passes
@@ -343,6 +396,27 @@ fn version_at_least(version: &str, min: (u32, u32)) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_login_mechanism_the_broker_does_not_offer_is_named_before_connecting() {
+        let uri = |query: &str| -> AMQPUri {
+            format!("amqps://127.0.0.1:5671/%2f{query}")
+                .parse()
+                .unwrap()
+        };
+        let external = uri("?auth_mechanism=external");
+        assert_eq!(unoffered_mechanism(&external, "EXTERNAL PLAIN"), None);
+        let why = unoffered_mechanism(&external, "PLAIN AMQPLAIN").unwrap();
+        assert!(
+            why.contains("rabbitmq_auth_mechanism_ssl") && why.contains("\"PLAIN AMQPLAIN\""),
+            "{why}"
+        );
+        assert_eq!(unoffered_mechanism(&uri(""), "PLAIN AMQPLAIN"), None);
+        let why = unoffered_mechanism(&uri(""), "EXTERNAL").unwrap();
+        assert!(why.contains("add ?auth_mechanism=external"), "{why}");
+        let why = unoffered_mechanism(&uri("?auth_mechanism=amqplain"), "PLAIN").unwrap();
+        assert!(why.contains("mechanism AMQPLAIN"), "{why}");
+    }
 
     #[test]
     fn version_comparison() {

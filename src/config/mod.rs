@@ -274,6 +274,17 @@ impl BrokerUrl {
         let port = url
             .port()
             .unwrap_or(if url.scheme() == "amqps" { 5671 } else { 5672 });
+        let mechanism = url
+            .query_pairs()
+            .find(|(key, _)| key == "auth_mechanism")
+            .map(|(_, value)| value.to_ascii_lowercase());
+        if let Some(mechanism) = mechanism
+            && !matches!(mechanism.as_str(), "plain" | "amqplain" | "external")
+        {
+            return Err(format!(
+                "auth_mechanism={mechanism} is not one of plain, amqplain, external"
+            ));
+        }
         let display = format!("{}://{host}:{port}{}", url.scheme(), url.path());
         Ok(Self {
             secret: SecretString::from(raw.to_owned()),
@@ -285,6 +296,16 @@ impl BrokerUrl {
     /// The full URL, for the connection only.
     pub fn expose(&self) -> &str {
         self.secret.expose_secret()
+    }
+
+    /// Whether the URL asks for x509 authentication (`?auth_mechanism=external`): the
+    /// client certificate is the login (docs/configuration.md, "x509 authentication").
+    pub fn logs_in_with_certificate(&self) -> bool {
+        Url::parse(self.expose()).is_ok_and(|url| {
+            url.query_pairs().any(|(key, value)| {
+                key == "auth_mechanism" && value.eq_ignore_ascii_case("external")
+            })
+        })
     }
 }
 

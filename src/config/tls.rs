@@ -241,6 +241,31 @@ mod tests {
     }
 
     #[test]
+    fn x509_authentication_needs_amqps_and_a_client_certificate() {
+        let with_url = |url: &str| MINIMAL.replace("amqp://guest:secretpw@127.0.0.1:5672/%2f", url);
+        for url in [
+            "amqp://127.0.0.1/%2f?auth_mechanism=external",
+            "amqps://127.0.0.1/%2f?auth_mechanism=EXTERNAL",
+        ] {
+            let (key, text) = refused(&with_url(url));
+            assert_eq!(key, "broker.url");
+            assert!(
+                text.contains("needs an amqps URL and broker.client_cert"),
+                "{text}"
+            );
+        }
+        let (key, text) = refused(&with_url("amqps://127.0.0.1/%2f?auth_mechanism=x509"));
+        assert_eq!(key, "broker.url");
+        assert!(text.contains("auth_mechanism=x509 is not one of"), "{text}");
+        // A password login may name its mechanism.
+        parse_with(
+            &with_url("amqp://u:p@127.0.0.1/%2f?auth_mechanism=plain"),
+            &[],
+        )
+        .expect("plain is a mechanism");
+    }
+
+    #[test]
     fn relative_paths_are_read_from_the_configuration_files_directory() {
         let (dir, _) = temp_file("ca.pem", "not a certificate\n");
         let text = MINIMAL.replace("[broker]", "[delivery]\nca_file = \"ca.pem\"\n[broker]");

@@ -83,6 +83,17 @@ fn broker(
             Ok(url)
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // x509 authentication: the login is the client certificate, sent over TLS only.
+    if urls.iter().any(|u| {
+        u.logs_in_with_certificate() && (!u.display.starts_with("amqps:") || tls.identity.is_none())
+    }) {
+        return Err(v.err(
+            "broker.url",
+            None,
+            "auth_mechanism=external logs in with a client certificate: it needs an amqps URL \
+             and broker.client_cert / client_key",
+        ));
+    }
     if raw.exchange.is_empty() {
         return Err(v.err("broker.exchange", None, "may not be empty"));
     }

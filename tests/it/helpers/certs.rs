@@ -1,6 +1,7 @@
 //! Certificates a TLS test generates for itself with the `openssl` command: a CA, a
-//! server certificate for 127.0.0.1 and localhost, one for another name, and a client
-//! certificate, all signed by the CA (EC P-256 keys, PKCS#8 PEM).
+//! server certificate for 127.0.0.1 and localhost, one for another name, and two client
+//! certificates (CN `courier-client` and `courier-stranger`), all signed by the CA (EC
+//! P-256 keys, PKCS#8 PEM).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -13,7 +14,7 @@ pub struct TestCerts {
 }
 
 /// Each certificate: its file stem and its extensions.
-const LEAVES: [(&str, &str, &str); 3] = [
+const LEAVES: [(&str, &str, &str); 4] = [
     (
         "server",
         "localhost",
@@ -26,13 +27,23 @@ const LEAVES: [(&str, &str, &str); 3] = [
     ),
     (
         "client",
-        "courier-client",
+        CLIENT_CN,
+        "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n",
+    ),
+    // Valid for the CA, but no broker user bears its name.
+    (
+        "stranger",
+        "courier-stranger",
         "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n",
     ),
 ];
 
+/// The common name of the `client` certificate: the broker user it logs in as with
+/// x509 authentication (`PrivateNode::add_certificate_user`).
+pub const CLIENT_CN: &str = "courier-client";
+
 impl TestCerts {
-    /// Generates the CA and the three certificates (a fraction of a second).
+    /// Generates the CA and the four certificates (a fraction of a second).
     pub fn generate() -> Self {
         let dir = std::env::temp_dir().join(format!("courier-certs-{}", suffix()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -104,7 +115,7 @@ impl TestCerts {
     }
 
     /// The path of a generated file: `ca.pem`, `server.pem`, `server.key`,
-    /// `other-name.pem`, `client.pem`, `client.key`, …
+    /// `other-name.pem`, `client.pem`, `client.key`, `stranger.pem`, …
     pub fn path(&self, file: &str) -> PathBuf {
         self.dir.join(file)
     }

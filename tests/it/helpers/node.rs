@@ -40,7 +40,10 @@ impl PrivateNode {
 
     /// A node as `prepare` makes it, with a TLS listener too: its certificate is
     /// `certs`' `server` (127.0.0.1 and localhost), and a client must present a
-    /// certificate signed by their CA.
+    /// certificate signed by their CA. Clients log in with a password (PLAIN) or with
+    /// their certificate (EXTERNAL, the `rabbitmq_auth_mechanism_ssl` plugin) as the user
+    /// named by its CN (`add_certificate_user`): the setup docs/configuration.md ("x509
+    /// authentication") describes.
     pub fn prepare_tls(certs: &TestCerts) -> Self {
         Self::prepare_with(Some(certs))
     }
@@ -51,7 +54,12 @@ impl PrivateNode {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
         let (port, dist) = (free_port(), free_port());
-        std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
+        let plugins = if certs.is_some() {
+            "[rabbitmq_auth_mechanism_ssl].\n"
+        } else {
+            "[].\n"
+        };
+        std::fs::write(dir.join("enabled_plugins"), plugins).unwrap();
         let mut conf = format!("listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n");
         let tls_port = certs.map(|certs| {
             let tls_port = free_port();
@@ -67,7 +75,10 @@ impl PrivateNode {
                  ssl_options.certfile = {}\n\
                  ssl_options.keyfile = {}\n\
                  ssl_options.verify = verify_peer\n\
-                 ssl_options.fail_if_no_peer_cert = true\n",
+                 ssl_options.fail_if_no_peer_cert = true\n\
+                 auth_mechanisms.1 = EXTERNAL\n\
+                 auth_mechanisms.2 = PLAIN\n\
+                 ssl_cert_login_from = common_name\n",
                 file("ca.pem"),
                 file("server.pem"),
                 file("server.key"),
@@ -166,6 +177,49 @@ impl PrivateNode {
     pub fn tls_url(&self, host: &str) -> String {
         let port = self.tls_port.expect("a node prepared with TLS");
         format!("amqps://guest:guest@{host}:{port}/%2f")
+    }
+
+    /// `amqps://HOST:TLS_PORT/%2f?auth_mechanism=external` (`prepare_tls`): no user or
+    /// password, the client certificate logs in.
+    pub fn external_url(&self, host: &str) -> String {
+        let port = self.tls_port.expect("a node prepared with TLS");
+        format!("amqps://{host}:{port}/%2f?auth_mechanism=external")
+    }
+
+    /// Adds the user `name` without a password and with every permission on `/`, for a
+    /// client certificate whose CN is `name` (`prepare_tls`).
+    pub async fn add_certificate_user(&self, name: &str) {
+        let node = Some(self.name.as_str());
+        rabbitmqctl(node, &["add_user", name, &format!("unused-{}", suffix())]).await;
+        rabbitmqctl(node, &["clear_password", name]).await;
+        rabbitmqctl(
+            node,
+            &["set_permissions", "-p", "/", name, ".*", ".*", ".*"],
+        )
+        .await;
+    }
+
+    /// The user and the authentication mechanism of each of the node's connections, e.g.
+    /// `("courier-client", "EXTERNAL")`.
+    pub async fn connection_logins(&self) -> Vec<(String, String)> {
+        let listing = rabbitmqctl(
+            Some(&self.name),
+            &[
+                "list_connections",
+                "-q",
+                "--no-table-headers",
+                "user",
+                "auth_mechanism",
+            ],
+        )
+        .await;
+        listing
+            .lines()
+            .filter_map(|line| {
+                let (user, mechanism) = line.split_once('\t')?;
+                Some((user.trim().to_owned(), mechanism.trim().to_owned()))
+            })
+            .collect()
     }
 
     /// The test's configuration with this node as the only broker, and its admin port.
