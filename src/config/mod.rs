@@ -161,13 +161,14 @@ pub fn restart_only_change(old: &Settings, new: &Settings) -> Option<&'static st
 }
 
 /// courier's default prefetch window, from the accounts (docs/configuration.md,
-/// `prefetch`): room for one full batch of every destination, and a quarter more for
-/// batches in flight, between 1,000 and 10,000 messages. Past 100 destinations the window
-/// shrinks in proportion, down to 1,000: their batches cannot fill in any window of a
-/// reasonable size, and each destination costs memory of its own.
+/// `prefetch`): room for two full batches of every destination, so that one round of
+/// batches fills while the one before it is delivered and acknowledged, between 1,000
+/// and 20,000 messages. Past 100 destinations the window shrinks in proportion, down to
+/// 1,000: their batches cannot fill in any window of a reasonable size, and each
+/// destination costs memory of its own.
 pub fn default_prefetch<'a>(accounts: impl IntoIterator<Item = &'a Account>) -> u16 {
     const LEAST: usize = 1000;
-    const MOST: usize = 10_000;
+    const MOST: usize = 20_000;
     const MANY_DESTINATIONS: usize = 100;
     let (mut destinations, mut room) = (0usize, 0usize);
     for account in accounts {
@@ -175,11 +176,11 @@ pub fn default_prefetch<'a>(accounts: impl IntoIterator<Item = &'a Account>) -> 
         destinations += types;
         room += types * account.batch_size;
     }
-    let mut window = (room + room / 4).clamp(LEAST, MOST);
+    let mut window = (2 * room).clamp(LEAST, MOST);
     if destinations > MANY_DESTINATIONS {
         window = (window * MANY_DESTINATIONS / destinations).max(LEAST);
     }
-    u16::try_from(window).expect("at most 10,000")
+    u16::try_from(window).expect("at most 20,000")
 }
 
 /// `[broker]`. Needs a restart to change.

@@ -431,12 +431,12 @@ mod tests {
         };
         let cases = [
             // (accounts, batch_size, contacts, window)
-            (1, 1, false, 1000),    // at least 1,000
-            (1, 200, true, 1000),   // 2 × 200 × 1.25 = 500
-            (10, 200, true, 5000),  // 20 destinations × 200 × 1.25
-            (20, 200, true, 10000), // 40 destinations: the benchmark's shape
-            (30, 200, true, 10000), // at most 10,000
-            (100, 200, true, 5000), // 200 destinations: shrinks in proportion
+            (1, 1, false, 1000),     // at least 1,000
+            (1, 200, true, 1000),    // 2 × (2 × 200) = 800
+            (10, 200, true, 8000),   // 2 × 20 destinations × 200
+            (20, 200, true, 16000),  // 40 destinations: the benchmark's shape
+            (30, 200, true, 20000),  // at most 20,000
+            (100, 200, true, 10000), // 200 destinations: shrinks in proportion
             (2000, 200, true, 1000),
         ];
         for (n, batch, contacts, window) in cases {
