@@ -92,6 +92,29 @@ fn scheduled(replicas: &[&TestWorker]) -> f64 {
         .sum()
 }
 
+/// Every id is delivered or dead-lettered, and nothing stays behind: the delivery queue
+/// and the retry tiers (messages held unacknowledged included) are empty.
+async fn all_in(
+    cluster: &Cluster,
+    queues: &[String],
+    dead_queue: &str,
+    receiver: &Receiver,
+    published: &HashSet<String>,
+) -> bool {
+    for queue in queues {
+        if cluster.messages(queue).await != Some(0) {
+            return false;
+        }
+    }
+    let distinct = receiver
+        .delivered_ids()
+        .into_iter()
+        .collect::<HashSet<_>>()
+        .len();
+    let dead = cluster.messages(dead_queue).await.unwrap_or(0) as usize;
+    distinct + dead >= published.len()
+}
+
 async fn node_loss(loss: Loss, figures: &str) {
     let began = Instant::now();
     let step = |what: &str| eprintln!("{:>6.1} s  {what}", began.elapsed().as_secs_f64());
@@ -253,21 +276,32 @@ async fn node_loss(loss: Loss, figures: &str) {
         .into_iter()
         .chain(["1s", "2s", "3s"].map(|d| format!("{}.retry.{d}", names.prefix)))
         .collect::<Vec<_>>();
-    let settled = eventually_async(Duration::from_secs(120), || async {
-        for queue in &queues {
-            if cluster.messages(queue).await != Some(0) {
-                return false;
-            }
-        }
-        let distinct = receiver
-            .delivered_ids()
-            .into_iter()
-            .collect::<HashSet<_>>()
-            .len();
-        let dead = cluster.messages(&dead_queue).await.unwrap_or(0) as usize;
-        distinct + dead >= published.len()
+    let mut settled = eventually_async(Duration::from_secs(60), || {
+        all_in(&cluster, &queues, &dead_queue, &receiver, &published)
     })
     .await;
+    let mut restarted = false;
+    if !settled {
+        // RabbitMQ 3.10.8 can leave a retry tier's dead letters unforwarded while the
+        // stopped node is down (docs/scaling.md, "Retries held after a node loss"): they
+        // stay in the tier, neither ready nor unacknowledged. The operator's remedy is
+        // to start the node again; the dead-letter worker then forwards them at its next
+        // attempt (15 s on the test's nodes).
+        let held = cluster.held_dead_letters(&queues).await;
+        eprintln!(
+            "not settled after 60 s; dead letters held by the broker: {held:?}; dead-letter workers:\n{}",
+            cluster.dead_letter_workers().await
+        );
+        if !held.is_empty() {
+            cluster.restart(victim).await;
+            restarted = true;
+            step("stopped node started again");
+            settled = eventually_async(Duration::from_secs(60), || {
+                all_in(&cluster, &queues, &dead_queue, &receiver, &published)
+            })
+            .await;
+        }
+    }
     if !settled {
         for queue in queues.iter().chain([&dead_queue]) {
             eprintln!(
@@ -282,7 +316,14 @@ async fn node_loss(loss: Loss, figures: &str) {
             cluster.dead_letter_workers().await
         );
     }
-    step("every id delivered or dead-lettered, queues empty");
+    step(&format!(
+        "every id delivered or dead-lettered, queues empty{}",
+        if restarted {
+            " (after the node came back)"
+        } else {
+            ""
+        }
+    ));
     let delivered: HashSet<String> = receiver.delivered_ids().into_iter().collect();
     let listing = courier::commands::dlq::list(&settings_b, usize::MAX)
         .await

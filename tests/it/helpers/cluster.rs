@@ -115,6 +115,45 @@ impl Cluster {
         out
     }
 
+    /// Starts the stopped node `i` again; it rejoins the cluster with its data.
+    pub async fn restart(&mut self, i: usize) {
+        self.nodes[i].boot().await;
+        self.stopped[i] = false;
+    }
+
+    /// Queues of `queues` that hold messages neither ready nor unacknowledged: dead
+    /// letters that a quorum queue's at-least-once dead-letter worker has not forwarded
+    /// (docs/scaling.md, "Retries held after a node loss").
+    pub async fn held_dead_letters(&self, queues: &[String]) -> Vec<(String, u64)> {
+        // One listing, so that the three counts are of the same moment.
+        let listing = super::rabbitmqctl(
+            Some(&self.running().name),
+            &[
+                "list_queues",
+                "-q",
+                "--no-table-headers",
+                "name",
+                "messages",
+                "messages_ready",
+                "messages_unacknowledged",
+            ],
+        )
+        .await;
+        listing
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split('\t');
+                let name = fields.next()?;
+                let counts: Vec<u64> = fields.filter_map(|v| v.trim().parse().ok()).collect();
+                let [messages, ready, unacked] = counts[..] else {
+                    return None;
+                };
+                (queues.iter().any(|q| q == name) && messages > ready + unacked)
+                    .then(|| (name.to_owned(), messages - ready - unacked))
+            })
+            .collect()
+    }
+
     /// Stops node `i`; the others keep the cluster (a majority of every queue's members).
     pub async fn stop(&mut self, i: usize) {
         self.nodes[i].stop().await;

@@ -86,9 +86,9 @@ impl PrivateNode {
             tls_port
         });
         std::fs::write(dir.join("rabbitmq.conf"), conf).unwrap();
-        // A retry tier's dead letters whose forward to the delivery queue was never
-        // confirmed (its leader was lost meanwhile) are sent again after this; RabbitMQ's
-        // default of 3 min is longer than a test waits (docs/scaling.md, "Losing a node").
+        // A quorum queue's dead-letter worker sends again the forwards that failed after
+        // this long; RabbitMQ's default of 3 min is longer than a test waits
+        // (docs/scaling.md, "Retries held after a node loss").
         std::fs::write(
             dir.join("advanced.config"),
             "[{rabbit, [{dead_letter_worker_publisher_confirm_timeout, 15000}]}].\n",
