@@ -305,7 +305,10 @@ impl Context {
                         .delivery_lag(kind, now.duration_since(item.lag_from).unwrap_or_default());
                 }
                 metrics.events_delivered(&account.id, kind, items.len());
-                self.settle.delivered(items).await;
+                // Boxed, like every settlement below: a delivery task waits for its slots
+                // with this future inside it, and the settlements' futures (a confirmed
+                // publish, the parking log) are large (docs/design.md, "Memory").
+                Box::pin(self.settle.delivered(items)).await;
             }
             Step::Split { status } => {
                 // Isolate the rejected events: each half is a batch of its own.
@@ -350,10 +353,14 @@ impl Context {
             }
             Step::Schedule(failure) => {
                 let retry = &live.settings.retry;
-                let scheduled = self
-                    .settle
-                    .schedule(items, &failure, destination, retry, (&account.id, kind))
-                    .await;
+                let scheduled = Box::pin(self.settle.schedule(
+                    items,
+                    &failure,
+                    destination,
+                    retry,
+                    (&account.id, kind),
+                ))
+                .await;
                 for (delay, events) in &scheduled.tiers {
                     let tier = humantime::format_duration(*delay);
                     tracing::info!(account = %account.id, r#type = %kind, events, %tier, status = failure.status, error = %failure.error, %destination, "scheduled retry");
