@@ -81,6 +81,36 @@ fn log_lines(log: &str, message: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A `courier run` subprocess logging JSON at `level`, with one attempt, one 100 ms tier
+/// and a circuit that does not open; returns it and its log file.
+async fn json_logging_courier(
+    names: &Names,
+    level: &str,
+    accounts: String,
+) -> (Running, std::path::PathBuf) {
+    let spec = ConfigSpec {
+        retry: "immediate_attempts = 1\nschedule = [\"100ms\"]".into(),
+        top: format!(
+            "[log]\nlevel = \"{level}\"\nformat = \"json\"\n[circuit]\nfailure_threshold = 1000"
+        ),
+        accounts,
+        ..Default::default()
+    };
+    let path = write_config(&config_text(names, &spec));
+    let log = path.with_file_name("courier.log");
+    (start_courier(&path, &log).await, log)
+}
+
+/// Stops `running` with SIGTERM, asserts a clean exit and returns its log.
+async fn stop_for_log(mut running: Running, log: &std::path::Path) -> String {
+    sigterm(&running.proc.0);
+    assert_eq!(
+        wait_exit(&mut running.proc.0, Duration::from_secs(20)).await,
+        Some(0)
+    );
+    std::fs::read_to_string(log).unwrap()
+}
+
 #[tokio::test]
 async fn deliveries_retries_and_dead_letterings_are_logged_at_their_levels() {
     let good = Receiver::start().await;
@@ -89,20 +119,12 @@ async fn deliveries_retries_and_dead_letterings_are_logged_at_their_levels() {
     down.set_status(500);
     let names = Names::new();
     let broker = Broker::connect(&names, &["100ms"]).await;
-    let spec = ConfigSpec {
-        retry: "immediate_attempts = 1\nschedule = [\"100ms\"]".into(),
-        top: "[log]\nlevel = \"debug\"\nformat = \"json\"\n[circuit]\nfailure_threshold = 1000"
-            .into(),
-        accounts: format!(
-            "{}[[account]]\nid = \"globex\"\ncompanies_url = \"{}\"\n",
-            account(&good.url("/hook/secret-path"), 1),
-            down.url("/down/secret-path")
-        ),
-        ..Default::default()
-    };
-    let path = write_config(&config_text(&names, &spec));
-    let log = path.with_file_name("courier.log");
-    let mut running = start_courier(&path, &log).await;
+    let accounts = format!(
+        "{}[[account]]\nid = \"globex\"\ncompanies_url = \"{}\"\n",
+        account(&good.url("/hook/secret-path"), 1),
+        down.url("/down/secret-path")
+    );
+    let (running, log) = json_logging_courier(&names, "debug", accounts).await;
     broker
         .publish(&[
             event("ok-1", "acme", "company"),
@@ -117,12 +139,7 @@ async fn deliveries_retries_and_dead_letterings_are_logged_at_their_levels() {
         2
     );
     assert_eq!(good.wait_for_events(1, Duration::from_secs(5)).await, 1);
-    sigterm(&running.proc.0);
-    assert_eq!(
-        wait_exit(&mut running.proc.0, Duration::from_secs(20)).await,
-        Some(0)
-    );
-    let text = std::fs::read_to_string(&log).unwrap();
+    let text = stop_for_log(running, &log).await;
     assert!(
         !text.contains("secret-path"),
         "a URL path was logged:\n{text}"
@@ -176,6 +193,121 @@ async fn deliveries_retries_and_dead_letterings_are_logged_at_their_levels() {
     assert_eq!(exhausted["status"], 500);
     assert_eq!(exhausted["destination"], format!("http://{}", down.addr));
     assert_eq!(exhausted["ids"], "down-1");
+}
+
+/// The warn lines of dead-letterings of `account` and `reason`: the first of each interval
+/// (its `events`) and the summaries (their `count`), in the order logged.
+fn dead_lines(text: &str, account: &str, reason: &str) -> Vec<(bool, u64, serde_json::Value)> {
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["account"] == account && v["reason"] == reason)
+        .filter_map(|v| {
+            let message = v["message"].as_str()?;
+            if message.starts_with("dead-lettered;") {
+                Some((true, v["events"].as_u64()?, v))
+            } else if message.contains("more event(s) dead-lettered in the last 10s") {
+                Some((false, v["count"].as_u64()?, v))
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn many_dead_letterings_are_summarised_per_account_type_and_reason() {
+    // docs/operations.md, "Logging": the first dead-lettering of an account, type and
+    // reason is logged with its cause, the rest of each 10 s counted in one line.
+    // acme rejects every event (one a request); globex fails whole batches until their
+    // schedule is used up.
+    let rejecting = Receiver::start().await;
+    rejecting.set_status(400);
+    let down = Receiver::start().await;
+    down.set_status(500);
+    let names = Names::new();
+    let broker = Broker::connect(&names, &["100ms"]).await;
+    let accounts = format!(
+        "{}[[account]]\nid = \"globex\"\ncompanies_url = \"{}\"\nbatch_size = 10\nflush_interval = \"200ms\"\n",
+        account(&rejecting.url("/hook"), 1),
+        down.url("/down")
+    );
+    let (running, log) = json_logging_courier(&names, "info", accounts).await;
+    let (rejected, exhausted) = (30, 20);
+    let mut bodies: Vec<Vec<u8>> = (0..rejected)
+        .map(|i| event(&format!("r{i}"), "acme", "company"))
+        .collect();
+    bodies.extend((0..exhausted).map(|i| event(&format!("x{i}"), "globex", "company")));
+    broker.publish(&bodies).await;
+    assert_eq!(
+        broker
+            .wait_for_depth(&names.dead(), 50, Duration::from_secs(30))
+            .await,
+        50
+    );
+    // While the worker runs, the summaries of each 10 s interval account for the rest.
+    let logged = |account: &str, reason: &str| {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        dead_lines(&text, account, reason)
+            .iter()
+            .map(|(_, n, _)| n)
+            .sum::<u64>()
+    };
+    assert!(
+        eventually(Duration::from_secs(25), || {
+            logged("acme", "rejected_400") == rejected
+                && logged("globex", "retries_exhausted") == exhausted
+        })
+        .await,
+        "the summaries never accounted for every dead letter:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let text = stop_for_log(running, &log).await;
+    for (account, reason, total, prefix) in [
+        ("acme", "rejected_400", rejected, "r"),
+        ("globex", "retries_exhausted", exhausted, "x"),
+    ] {
+        let lines = dead_lines(&text, account, reason);
+        let counted: u64 = lines.iter().map(|(_, n, _)| n).sum();
+        assert_eq!(
+            counted, total,
+            "{account}: every dead letter counted once:\n{text}"
+        );
+        // Not a line per event: the first at once, then one summary per interval.
+        assert!(
+            lines.len() <= 3,
+            "{account}: {} lines for {total} dead letters:\n{text}",
+            lines.len()
+        );
+        let (first, summaries) = lines.split_first().unwrap();
+        assert!(
+            first.0,
+            "{account}: the first line gives the cause: {}",
+            first.2
+        );
+        assert_eq!(
+            first.2["status"],
+            if reason == "rejected_400" { 400 } else { 500 }
+        );
+        assert!(!summaries.is_empty(), "{account}: no summary:\n{text}");
+        for (is_first, count, line) in summaries {
+            assert!(
+                !is_first,
+                "{account}: a second first line in a busy interval: {line}"
+            );
+            assert_eq!(line["level"], "WARN");
+            assert_eq!(line["type"], "company");
+            let message = line["message"].as_str().unwrap();
+            assert!(
+                message.starts_with(&format!("{count} more event(s)")),
+                "{line}"
+            );
+            let samples: Vec<&str> = line["samples"].as_str().unwrap().split(", ").collect();
+            assert!(
+                (1..=3).contains(&samples.len()) && samples.iter().all(|id| id.starts_with(prefix)),
+                "{line}"
+            );
+        }
+    }
 }
 
 /// A metric of the courier subprocess with admin port `admin`, for account acme.
@@ -385,6 +517,68 @@ async fn dlq_show_discard_and_replay_filters() {
         .collect();
     assert_eq!(reasons, ["rejected_422", "rejected_422"], "{reasons:?}");
     assert_eq!(broker.depth(&names.deliver()).await, 1);
+}
+
+#[tokio::test]
+async fn dlq_discard_asks_at_a_terminal_and_removes_only_on_yes() {
+    let names = Names::new();
+    let broker = Broker::connect(&names, &["30s"]).await;
+    let path = dead_letters_of_every_kind(&names, &broker).await;
+    let config = path.to_str().unwrap();
+    let prompt = "remove them? [y/N] ";
+    let discard = |answer| {
+        answer_on_terminal(
+            &[
+                "dlq",
+                "discard",
+                "--reason",
+                "invalid_event",
+                "--config",
+                config,
+            ],
+            prompt,
+            answer,
+        )
+    };
+
+    // "n": what matches is shown, the question asked, nothing removed.
+    let (code, out, err) = discard("n");
+    assert_eq!(code, 0, "{err}");
+    let asked = out
+        .find(prompt)
+        .unwrap_or_else(|| panic!("no prompt in:\n{out}"));
+    assert!(out[..asked].contains("2 dead letter(s) in"), "{out}");
+    assert!(out[..asked].contains("invalid_event"), "{out}");
+    assert!(out[asked..].contains("nothing removed\n"), "{out}");
+    assert!(
+        !out.contains("pass --yes"),
+        "a terminal was there to ask: {out}"
+    );
+    assert_eq!(
+        broker
+            .wait_for_depth(&names.dead(), 5, Duration::from_secs(5))
+            .await,
+        5,
+        "\"n\" removed letters"
+    );
+
+    // "y": the matching letters go, the others stay.
+    let (code, out, err) = discard("y");
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(prompt), "{out}");
+    assert!(out.contains("removed 2 dead letter(s)"), "{out}");
+    let mut reasons: Vec<String> = broker
+        .drain_settled(&names.dead())
+        .await
+        .iter()
+        .map(|(_, h)| header_str(h, "x-courier-reason").unwrap_or_default())
+        .collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        ["rejected_422", "rejected_422", "unknown_account"],
+        "only the invalid events were removed"
+    );
 }
 
 #[tokio::test]

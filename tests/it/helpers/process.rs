@@ -47,6 +47,96 @@ pub fn output(cmd: &mut Command) -> (i32, String, String) {
     )
 }
 
+/// Runs `courier ARGS` with a pseudo-terminal as its stdin, as an operator at a terminal
+/// would; stdout and stderr are captured. Once stdout shows `prompt`, types `answer` and
+/// Enter. Returns the exit code, stdout and stderr; a command that never shows the
+/// prompt is left to finish (or killed after 20 s) and its output returned as it is.
+pub fn answer_on_terminal(args: &[&str], prompt: &str, answer: &str) -> (i32, String, String) {
+    use std::io::{Read, Write};
+    use std::sync::mpsc;
+
+    let (mut terminal, line) = pseudo_terminal();
+    let stderr_path = temp_dir().join("stderr");
+    let mut cmd = courier(args);
+    cmd.stdin(Stdio::from(line))
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr_path).unwrap());
+    let mut proc = Proc(cmd.spawn().expect("courier runs"));
+    // The command holds the terminal's other end until it is dropped.
+    drop(cmd);
+    let mut stdout = proc.0.stdout.take().unwrap();
+    let (chunks, received) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = stdout.read(&mut buf) {
+            if chunks.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut out = Vec::new();
+    let mut answered = false;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match received.recv_timeout(left) {
+            Ok(chunk) => out.extend(chunk),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let _ = proc.0.kill();
+                break;
+            }
+        }
+        if !answered && String::from_utf8_lossy(&out).contains(prompt) {
+            terminal
+                .write_all(format!("{answer}\n").as_bytes())
+                .unwrap();
+            answered = true;
+        }
+    }
+    let status = proc.0.wait().unwrap();
+    reader.join().unwrap();
+    (
+        status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out).into_owned(),
+        std::fs::read_to_string(&stderr_path).unwrap_or_default(),
+    )
+}
+
+/// A new pseudo-terminal: its controlling side, and the line a program reads as its
+/// terminal.
+fn pseudo_terminal() -> (std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    // SAFETY: plain libc calls on a descriptor this function owns; `name` is a
+    // NUL-terminated buffer that `ptsname_r` fills.
+    unsafe {
+        let fd = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        assert!(fd >= 0, "posix_openpt: {}", std::io::Error::last_os_error());
+        let terminal = std::fs::File::from_raw_fd(fd);
+        assert_eq!(libc::grantpt(fd), 0, "grantpt");
+        assert_eq!(libc::unlockpt(fd), 0, "unlockpt");
+        let mut name = [0 as libc::c_char; 128];
+        assert_eq!(
+            libc::ptsname_r(fd, name.as_mut_ptr(), name.len()),
+            0,
+            "ptsname_r"
+        );
+        let path = std::ffi::CStr::from_ptr(name.as_ptr())
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let line = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        (terminal, line)
+    }
+}
+
 /// A loopback port for a server that must be told its port before it starts (prefer
 /// binding `127.0.0.1:0` and learning the port, as `start_courier` does).
 ///
