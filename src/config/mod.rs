@@ -502,6 +502,22 @@ pub(crate) mod testing {
     pub fn error_of(text: &str) -> ConfigError {
         parse_with(text, &[]).expect_err("config should be refused")
     }
+
+    /// A self-signed certificate and its key, `<stem>.pem` and `<stem>.key` in `dir`,
+    /// made by the `openssl` command (as the TLS integration tests make theirs).
+    pub fn self_signed(dir: &Path, stem: &str) {
+        let status = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+            .args(["-subj", &format!("/CN={stem}"), "-keyout"])
+            .arg(dir.join(format!("{stem}.key")))
+            .arg("-out")
+            .arg(dir.join(format!("{stem}.pem")))
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl runs");
+        assert!(status.success(), "openssl req failed");
+    }
 }
 
 #[cfg(test)]

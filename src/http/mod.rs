@@ -387,4 +387,65 @@ mod tests {
         assert!(refuse_literal(&Url::parse("http://8.8.8.8/").unwrap()).is_none());
         assert!(refuse_literal(&Url::parse("http://example.com/").unwrap()).is_none());
     }
+
+    /// An account with a client certificate gets an HTTP client of its own, built like
+    /// the shared one: with the guard on, a name that resolves to loopback is refused by
+    /// the guard for both, before any connection; with it off, both try to connect.
+    #[tokio::test]
+    async fn a_client_certificate_keeps_the_private_network_guard() {
+        let dir = std::env::temp_dir().join(format!("courier-http-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        crate::config::testing::self_signed(&dir, "client");
+        let load = |allow: bool| {
+            let text = format!(
+                "[delivery]\nallow_private_networks = {allow}\n\
+                 [broker]\nurl = \"amqp://127.0.0.1:5672/%2f\"\n\
+                 [[account]]\nid = \"mtls\"\ncompanies_url = \"https://a.example/\"\n\
+                 client_cert = \"client.pem\"\nclient_key = \"client.key\"\n\
+                 [[account]]\nid = \"plain\"\ncompanies_url = \"https://b.example/\"\n"
+            );
+            crate::config::parse(&dir.join("courier.toml"), &text, &|_| None).expect("valid")
+        };
+        // Nothing listens on the discard port; only loopback is ever dialled.
+        let url = Url::parse("https://localhost:9/hook").unwrap();
+        for allow in [false, true] {
+            let settings = load(allow);
+            let sender = Sender::new(
+                &settings.delivery,
+                settings.accounts.values().map(|a| a.as_ref()),
+            )
+            .expect("clients build");
+            assert_eq!(
+                sender.identities.len(),
+                1,
+                "one client for the one certificate"
+            );
+            for id in ["mtls", "plain"] {
+                let account = settings.accounts.get(id).unwrap();
+                let request = Request {
+                    account,
+                    url: &url,
+                    body: Bytes::from_static(b"{}"),
+                    signature: None,
+                    delivery_id: "d",
+                    attempt: 1,
+                    event_count: 1,
+                };
+                let Outcome::Retryable {
+                    status: None,
+                    error,
+                    ..
+                } = sender.send(request).await
+                else {
+                    panic!("{id}: nothing answers on localhost:9");
+                };
+                assert_eq!(
+                    error.contains("refused by the private-network guard"),
+                    !allow,
+                    "{id}, allow_private_networks = {allow}: {error}"
+                );
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -169,6 +169,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+    use crate::config::testing::self_signed;
 
     fn settings(accounts: &str) -> Settings {
         let text = format!("[broker]\nurl = \"amqp://127.0.0.1:5672/%2f\"\n{accounts}");
@@ -195,22 +196,6 @@ mod tests {
             vec![key("a", RecordType::Company), key("b", RecordType::Contact)]
         );
         assert!(moved_destinations(&new, &new).is_empty());
-    }
-
-    /// A self-signed certificate and its key, `<stem>.pem` and `<stem>.key` in `dir`,
-    /// made by the `openssl` command (as the TLS integration tests make theirs).
-    fn self_signed(dir: &Path, stem: &str) {
-        let status = std::process::Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
-            .args(["-subj", &format!("/CN={stem}"), "-keyout"])
-            .arg(dir.join(format!("{stem}.key")))
-            .arg("-out")
-            .arg(dir.join(format!("{stem}.pem")))
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("openssl runs");
-        assert!(status.success(), "openssl req failed");
     }
 
     #[test]
