@@ -127,53 +127,34 @@ impl Trail {
     }
 }
 
-/// What a copy takes from the original message's properties (its message id, timestamp
-/// and headers): an event waiting in a batch keeps only these, boxed, and nothing at all
-/// when the message had none of them, rather than the whole property set
-/// (docs/design.md, "Memory").
-#[derive(Debug, Clone, Default)]
-pub struct Carried(Option<Box<CarriedFields>>);
-
-#[derive(Debug, Clone)]
-struct CarriedFields {
-    message_id: Option<ShortString>,
-    timestamp: Option<u64>,
-    headers: Option<FieldTable>,
-}
+/// A waiting event's AMQP properties, boxed, and kept only when a copy would carry
+/// something of them (a message id, a timestamp or headers, [`republish_properties`]):
+/// the whole property set is ten optional strings and a header table, and most events
+/// have none of these (docs/design.md, "Memory").
+#[derive(Debug, Default)]
+pub struct Carried(Option<Box<BasicProperties>>);
 
 impl Carried {
-    /// What a copy of a message with these properties carries.
-    pub fn of(properties: &BasicProperties) -> Self {
-        let message_id = properties.message_id().clone();
-        let timestamp = *properties.timestamp();
-        let headers = properties.headers().clone();
-        if message_id.is_none() && timestamp.is_none() && headers.is_none() {
-            return Self(None);
-        }
-        Self(Some(Box::new(CarriedFields {
-            message_id,
-            timestamp,
-            headers,
-        })))
+    /// Keeps `properties` if a copy would carry something of them.
+    pub fn new(properties: BasicProperties) -> Self {
+        let carries = properties.message_id().is_some()
+            || properties.timestamp().is_some()
+            || properties.headers().is_some();
+        Self(carries.then(|| Box::new(properties)))
     }
 
-    pub fn message_id(&self) -> Option<&ShortString> {
-        self.0.as_ref()?.message_id.as_ref()
-    }
-
-    pub fn timestamp(&self) -> Option<u64> {
-        self.0.as_ref()?.timestamp
-    }
-
-    pub fn headers(&self) -> Option<&FieldTable> {
-        self.0.as_ref()?.headers.as_ref()
+    /// The message's properties (the defaults where none were kept).
+    pub fn properties(&self) -> &BasicProperties {
+        static NONE: std::sync::LazyLock<BasicProperties> =
+            std::sync::LazyLock::new(BasicProperties::default);
+        self.0.as_deref().unwrap_or(&NONE)
     }
 }
 
 /// The properties of a copy courier publishes (to a retry tier, the dead-letter queue, or
 /// back to delivery): persistent JSON with these headers, the original's message id and
 /// timestamp, and no `expiration` (a stale one could expire the copy).
-pub fn republish_properties(original: &Carried, headers: FieldTable) -> BasicProperties {
+pub fn republish_properties(original: &BasicProperties, headers: FieldTable) -> BasicProperties {
     let mut properties = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type("application/json".into())
@@ -182,7 +163,7 @@ pub fn republish_properties(original: &Carried, headers: FieldTable) -> BasicPro
         properties = properties.with_message_id(id.clone());
     }
     if let Some(ts) = original.timestamp() {
-        properties = properties.with_timestamp(ts);
+        properties = properties.with_timestamp(*ts);
     }
     properties
 }

@@ -17,7 +17,7 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDe
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 
-use crate::broker::headers::{Carried, PREFIX, Trail, broker_death_reason, republish_properties};
+use crate::broker::headers::{PREFIX, Trail, broker_death_reason, republish_properties};
 use crate::broker::{self, BrokerError, PublishError, Publisher};
 use crate::config::Settings;
 
@@ -486,7 +486,7 @@ fn replay_properties(original: &BasicProperties) -> BasicProperties {
         first_seen: Trail::read(headers).first_seen,
         ..Trail::default()
     };
-    republish_properties(&Carried::of(original), trail.write(headers))
+    republish_properties(original, trail.write(headers))
 }
 
 #[cfg(test)]

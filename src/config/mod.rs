@@ -258,6 +258,8 @@ pub struct BrokerUrl {
     pub display: String,
     /// TLS settings for an `amqps` URL (`[broker]`'s, the same for every node).
     pub tls: BrokerTls,
+    /// The URL asks for x509 authentication (`?auth_mechanism=external`).
+    certificate_login: bool,
 }
 
 impl BrokerUrl {
@@ -279,7 +281,7 @@ impl BrokerUrl {
             .query_pairs()
             .find(|(key, _)| key == "auth_mechanism")
             .map(|(_, value)| value.to_ascii_lowercase());
-        if let Some(mechanism) = mechanism
+        if let Some(mechanism) = &mechanism
             && !matches!(mechanism.as_str(), "plain" | "amqplain" | "external")
         {
             return Err(format!(
@@ -291,6 +293,7 @@ impl BrokerUrl {
             secret: SecretString::from(raw.to_owned()),
             display,
             tls: BrokerTls::default(),
+            certificate_login: mechanism.as_deref() == Some("external"),
         })
     }
 
@@ -302,11 +305,7 @@ impl BrokerUrl {
     /// Whether the URL asks for x509 authentication (`?auth_mechanism=external`): the
     /// client certificate is the login (docs/configuration.md, "x509 authentication").
     pub fn logs_in_with_certificate(&self) -> bool {
-        Url::parse(self.expose()).is_ok_and(|url| {
-            url.query_pairs().any(|(key, value)| {
-                key == "auth_mechanism" && value.eq_ignore_ascii_case("external")
-            })
-        })
+        self.certificate_login
     }
 }
 

@@ -482,8 +482,7 @@ fn route(
     });
     // Read before the body moves into its `Pending`, and only for an invalid event.
     let labels = parsed.is_err().then(|| invalid_labels(&data, settings));
-    let carried = Carried::of(&properties);
-    drop(properties);
+    let carried = Carried::new(properties);
     let pending = |id: String, lag_from, carried| Pending {
         body: data.into(),
         id,
@@ -499,7 +498,7 @@ fn route(
         Ok(parsed) => parsed,
         Err(invalid) => {
             // What a warning about an invalid event may show of it.
-            let label = match carried.message_id() {
+            let label = match carried.properties().message_id() {
                 Some(id) => id.to_string(),
                 None => format!("(delivery {tag})"),
             };

@@ -24,7 +24,7 @@ use lapin::{BasicProperties, Confirmation, Connection, PublisherConfirm};
 use tokio_util::sync::CancellationToken;
 
 use super::order::shard_of;
-use crate::broker::headers::{Carried, Trail, republish_properties};
+use crate::broker::headers::{Trail, republish_properties};
 use crate::broker::{self, BrokerError};
 use crate::config::BrokerSettings;
 use crate::event;
@@ -236,7 +236,7 @@ pub fn copy_properties(
     let mut trail = Trail::of_delivery(exchange, original);
     trail.first_seen.get_or_insert(now);
     let headers = trail.write(original.headers().as_ref());
-    let mut properties = republish_properties(&Carried::of(original), headers);
+    let mut properties = republish_properties(original, headers);
     if let Some(kind) = original.content_type() {
         properties = properties.with_content_type(ShortString::from(kind.as_str()));
     }

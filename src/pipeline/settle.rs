@@ -38,7 +38,7 @@ pub struct Pending {
     pub first_seen: SystemTime,
     /// When this delivery arrived: how long it has been held unacknowledged.
     pub consumed_at: Instant,
-    /// What a copy takes from the message's properties.
+    /// The message's properties, where a copy would carry something of them.
     pub carried: Carried,
     /// What courier recorded on it before, if it put it back itself.
     pub trail: Trail,
@@ -355,8 +355,9 @@ impl Settler {
         if self.session.is_cancelled() {
             return false;
         }
-        let headers = trail.write(item.carried.headers());
-        let properties = republish_properties(&item.carried, headers);
+        let original = item.carried.properties();
+        let headers = trail.write(original.headers().as_ref());
+        let properties = republish_properties(original, headers);
         let deadline = republish_deadline(item.consumed_at, Instant::now());
         let mut delay = REPUBLISH_BACKOFF;
         let mut tries = 1;
