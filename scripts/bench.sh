@@ -537,7 +537,7 @@ for ((run = 1; run <= RUNS; run++)); do
     for s in $SCENARIOS; do
         case "$s" in
             drain) scenario_drain "$run" 1 ;;
-            drain_multi) scenario_drain "$run" 100 ;;
+            drain_multi) scenario_drain "$run" "${BENCH_ACK_EVERY:-100}" ;;
             batch200) courier_backlog batch200 "$run" "$EVENTS" "$ACCOUNTS" 200 1s ;;
             batch1) courier_backlog batch1 "$run" "$EVENTS_BATCH1" "$ACCOUNTS" 1 1s "$CONCURRENCY" ;;
             flood) scenario_flood "$run" ;;

@@ -218,6 +218,10 @@ impl Acks {
     }
 }
 
+/// Settlements taken from the queue before one ack goes out: enough to coalesce what
+/// arrives while an ack is written, few enough to keep the window moving.
+const COALESCE_AT_MOST: usize = 1024;
+
 /// Ticks (of 100 ms) after which a watermark that stands still, however full the
 /// window, lets the settled messages behind it go with single acks: they are delivered,
 /// and a crash should not send them again.
@@ -241,15 +245,25 @@ async fn run(
             msg = rx.recv() => {
                 let Some(msg) = msg else { break };
                 let mut flush = false;
-                match msg {
-                    Msg::Ack(tags) => tags.into_iter().for_each(|tag| marks.defer(tag)),
-                    Msg::Flush => flush = true,
-                    Msg::Nack(tag) => {
-                        marks.done(tag);
-                        window.fetch_sub(1, Ordering::SeqCst);
-                        if let Err(e) = channel.basic_nack(tag, BasicNackOptions { multiple: false, requeue: true }).await {
-                            tracing::debug!(error = %e, tag, "nack failed; the message will be redelivered");
+                // Take what else is queued before acking: requests that ended while the
+                // last ack was being written go out in one `multiple` ack, not one each.
+                let mut next = Some(msg);
+                let mut taken = 0;
+                while let Some(msg) = next.take() {
+                    match msg {
+                        Msg::Ack(tags) => tags.into_iter().for_each(|tag| marks.defer(tag)),
+                        Msg::Flush => flush = true,
+                        Msg::Nack(tag) => {
+                            marks.done(tag);
+                            window.fetch_sub(1, Ordering::SeqCst);
+                            if let Err(e) = channel.basic_nack(tag, BasicNackOptions { multiple: false, requeue: true }).await {
+                                tracing::debug!(error = %e, tag, "nack failed; the message will be redelivered");
+                            }
                         }
+                    }
+                    taken += 1;
+                    if taken < COALESCE_AT_MOST {
+                        next = rx.try_recv().ok();
                     }
                 }
                 let advanced = marks.advance();

@@ -110,6 +110,10 @@ impl Seen {
     }
 }
 
+/// A pause between requests longer than any seen while a backlog drains (a few tens of
+/// milliseconds), shorter than the default `flush_interval` (1 s).
+const QUIET: Duration = Duration::from_millis(250);
+
 #[derive(Default)]
 struct Stats {
     requests: u64,
@@ -122,6 +126,10 @@ struct Stats {
     retried_requests: u64,
     first: Option<Instant>,
     last: Option<Instant>,
+    /// The last receipt before the latest quiet spell (no request for [`QUIET`]) and the
+    /// events counted up to it: a backlog's final partial batches wait for their
+    /// `flush_interval`, and the rate before that wait is the sustained one.
+    before_quiet: Option<(Instant, u64)>,
     latencies_ns: Vec<u64>,
     seen: Seen,
 }
@@ -166,6 +174,11 @@ async fn on_request(
         s.sig_failures += u64::from(!sig_ok);
         s.retried_requests += u64::from(retried);
         s.first.get_or_insert(now);
+        if let Some(last) = s.last
+            && now - last >= QUIET
+        {
+            s.before_quiet = Some((last, s.distinct + s.untracked));
+        }
         s.last = Some(now);
         for (seq, ts) in scan.marks {
             match seq {
@@ -215,6 +228,16 @@ fn summary(rx: &Receiver, complete: bool) -> Value {
             0.0
         }
     };
+    // Until the last quiet spell when there was one, else the whole run.
+    let total = s.distinct + s.untracked;
+    let (steady_events, steady_s) = match (s.first, s.before_quiet) {
+        (Some(f), Some((before, events))) => (events, (before - f).as_secs_f64()),
+        _ => (total, elapsed),
+    };
+    let final_wait_s = match (s.before_quiet, s.last) {
+        (Some((before, _)), Some(l)) => (l - before).as_secs_f64(),
+        _ => 0.0,
+    };
     s.latencies_ns.sort_unstable();
     let l = &s.latencies_ns;
     let latency = if l.is_empty() {
@@ -246,6 +269,9 @@ fn summary(rx: &Receiver, complete: bool) -> Value {
         "elapsed_s": elapsed,
         "events_per_s": per_s(s.distinct + s.untracked),
         "requests_per_s": per_s(s.requests),
+        "steady_events_per_s": if steady_s > 0.0 { steady_events as f64 / steady_s } else { 0.0 },
+        "events_after_quiet": total - steady_events,
+        "final_wait_s": final_wait_s,
         "latency": latency,
     })
 }

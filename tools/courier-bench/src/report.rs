@@ -289,6 +289,8 @@ fn rows(runs: &Runs) -> Vec<Row> {
     let b1 = get("batch1", &["data", "requests_per_s"]);
     let flood = get("flood", &["data", "requests_per_s"]);
     let many = get("many", &["data", "events_per_s"]);
+    let b200_steady = get("batch200", &["data", "steady_events_per_s"]);
+    let many_steady = get("many", &["data", "steady_events_per_s"]);
     #[rustfmt::skip]
     let rows = vec![
         row("drain_events_per_s", "1. broker limit: bare drain, one ack per message, in order (same prefetch)", "events/s", fig(drain.clone()), None),
@@ -298,6 +300,10 @@ fn rows(runs: &Runs) -> Vec<Row> {
         row("batch200_events_per_s", "2. courier batch 200, 20 accounts", "events/s", fig(b200.clone()), None),
         row("batch200_ratio", "   ratio to (1), per run", "×", ratio(&b200, &drain), Some(("≥ 0.9", |x| x >= 0.9))),
         row("batch200_ratio_multi", "   ratio to (1b), per run", "×", ratio(&b200, &drain_multi), Some(("≥ 0.75", |x| x >= 0.75))),
+        row("batch200_steady_events_per_s", "   sustained: events before the backlog's last partial batches wait for flush_interval", "events/s", fig(b200_steady.clone()), None),
+        row("batch200_steady_ratio", "   sustained, ratio to (1), per run", "×", ratio(&b200_steady, &drain), None),
+        row("batch200_steady_ratio_multi", "   sustained, ratio to (1b), per run", "×", ratio(&b200_steady, &drain_multi), None),
+        row("batch200_after_quiet", "   events in those last batches", "events", fig(get("batch200", &["data", "events_after_quiet"])), None),
         row("batch200_mean_batch", "   mean batch size", "events", fig(get("batch200", &["data", "mean_batch"])), Some(("≥ 150", |x| x >= 150.0))),
         row("batch1_requests_per_s", "3. courier batch 1", "requests/s", fig(b1.clone()), None),
         row("flood_requests_per_s", "   bare reqwest loop, same receiver and concurrency", "requests/s", fig(flood.clone()), None),
@@ -306,6 +312,8 @@ fn rows(runs: &Runs) -> Vec<Row> {
         row("flood_connections", "   TCP connections the receiver accepted: bare loop", "connections", fig(get("flood", &["data", "connections"])), None),
         row("many_events_per_s", "4. courier batch 200, 2,000 accounts", "events/s", fig(many.clone()), None),
         row("many_ratio", "   ratio to (1), per run", "×", ratio(&many, &drain), Some(("≥ 0.5", |x| x >= 0.5))),
+        row("many_steady_events_per_s", "   sustained, as in (2)", "events/s", fig(many_steady.clone()), None),
+        row("many_steady_ratio", "   sustained, ratio to (1), per run", "×", ratio(&many_steady, &drain), None),
         row("many_mean_batch", "   mean batch size", "events", fig(get("many", &["data", "mean_batch"])), None),
         row("many_connections", "   TCP connections the receiver accepted", "connections", fig(get("many", &["data", "connections"])), None),
         row("latency_p50_ms", "5. latency publish→receipt, p50", "ms", fig(get("latency", &["data", "latency", "p50_ms"])), None),
