@@ -1,10 +1,12 @@
 //! The admin endpoints: `/healthz` (the process runs), `/readyz` (connected and
 //! consuming) and `/metrics` (Prometheus text).
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
@@ -38,9 +40,11 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn metrics_text(State(state): State<AdminState>) -> impl IntoResponse {
+    // Streamed: written piece by piece as the connection takes it.
+    let chunks = state.metrics.render_chunks().map(Ok::<_, Infallible>);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
+        Body::from_stream(futures_util::stream::iter(chunks)),
     )
 }
 

@@ -186,13 +186,24 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
+        let mut text = self.render_global();
+        self.destinations.render(&mut text);
+        text
+    }
+
+    /// The same text in pieces of tens of KiB, each written when it is taken (the
+    /// per-destination series, megabytes with thousands of accounts, are never all held).
+    pub fn render_chunks(&self) -> impl Iterator<Item = String> + Send + 'static {
+        std::iter::once(self.render_global()).chain(self.destinations.chunks())
+    }
+
+    /// The families without per-destination series, from the `prometheus` registry.
+    fn render_global(&self) -> String {
         let mut buf = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)
             .expect("text encoding");
-        let mut text = String::from_utf8(buf).expect("prometheus text is UTF-8");
-        self.destinations.render(&mut text);
-        text
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
     }
 
     pub fn event_consumed(&self, account: &str, kind: RecordType) {

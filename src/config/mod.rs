@@ -164,12 +164,13 @@ pub fn restart_only_change(old: &Settings, new: &Settings) -> Option<&'static st
 /// `prefetch`): room for two full batches of every destination, so that one round of
 /// batches fills while the one before it is delivered and acknowledged, between 1,000
 /// and 20,000 messages. Past 100 destinations the window shrinks in proportion, down to
-/// 1,000: their batches cannot fill in any window of a reasonable size, and each
-/// destination costs memory of its own.
+/// 2,000 (or the window before shrinking, if smaller): their batches cannot fill in any
+/// window of a reasonable size, and each destination costs memory of its own.
 pub fn default_prefetch<'a>(accounts: impl IntoIterator<Item = &'a Account>) -> u16 {
     const LEAST: usize = 1000;
     const MOST: usize = 20_000;
     const MANY_DESTINATIONS: usize = 100;
+    const MANY_LEAST: usize = 2000;
     let (mut destinations, mut room) = (0usize, 0usize);
     for account in accounts {
         let types = 1 + usize::from(account.contacts_url.is_some());
@@ -178,7 +179,7 @@ pub fn default_prefetch<'a>(accounts: impl IntoIterator<Item = &'a Account>) -> 
     }
     let mut window = (2 * room).clamp(LEAST, MOST);
     if destinations > MANY_DESTINATIONS {
-        window = (window * MANY_DESTINATIONS / destinations).max(LEAST);
+        window = (window * MANY_DESTINATIONS / destinations).max(window.min(MANY_LEAST));
     }
     u16::try_from(window).expect("at most 20,000")
 }

@@ -437,7 +437,9 @@ mod tests {
             (20, 200, true, 16000),  // 40 destinations: the benchmark's shape
             (30, 200, true, 20000),  // at most 20,000
             (100, 200, true, 10000), // 200 destinations: shrinks in proportion
-            (2000, 200, true, 1000),
+            (1000, 200, true, 2000), // 2,000 destinations: down to 2,000
+            (2000, 200, true, 2000),
+            (101, 1, false, 1000), // never above the window before shrinking
         ];
         for (n, batch, contacts, window) in cases {
             let broker = accounts(n, batch, contacts);

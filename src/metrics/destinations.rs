@@ -135,21 +135,16 @@ impl Destinations {
 
     /// Appends the families in Prometheus text format, destinations sorted.
     pub(super) fn render(&self, out: &mut String) {
-        let destinations = self.snapshot();
-        // A few KB of text per destination: reserved once rather than doubled as it
-        // grows.
-        out.reserve(destinations.len() * 3 * 1024);
-        for (name, kind, help, write) in FAMILIES {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (account, kind, series) in &destinations {
-                let mut sample = Sample {
-                    out,
-                    name,
-                    account,
-                    kind: kind.as_str(),
-                };
-                write(&mut sample, series);
-            }
+        self.chunks().for_each(|chunk| out.push_str(&chunk));
+    }
+
+    /// The same text in pieces of about [`CHUNK`] bytes, each written when it is taken:
+    /// a scrape of thousands of destinations (megabytes of text) never holds all of it.
+    pub(super) fn chunks(&self) -> Chunks {
+        Chunks {
+            destinations: self.snapshot(),
+            family: 0,
+            next: 0,
         }
     }
 
@@ -174,6 +169,52 @@ impl Destinations {
         };
         destinations.sort_unstable_by(|a, b| (&a.0, a.1 as usize).cmp(&(&b.0, b.1 as usize)));
         destinations
+    }
+}
+
+/// The size a piece of the scrape grows to before it is handed out.
+pub(super) const CHUNK: usize = 64 * 1024;
+
+/// The families' text, family by family and destination by destination.
+pub(super) struct Chunks {
+    destinations: Vec<(Box<str>, RecordType, Arc<Series>)>,
+    /// The family being written, an index into [`FAMILIES`].
+    family: usize,
+    /// Its next destination.
+    next: usize,
+}
+
+impl Iterator for Chunks {
+    type Item = String;
+
+    fn next(&mut self) -> Option<String> {
+        if self.family == FAMILIES.len() {
+            return None;
+        }
+        let mut out = String::with_capacity(CHUNK + 4 * 1024);
+        while out.len() < CHUNK && self.family < FAMILIES.len() {
+            let (name, kind, help, write) = FAMILIES[self.family];
+            if self.next == 0 {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            }
+            while out.len() < CHUNK
+                && let Some((account, kind, series)) = self.destinations.get(self.next)
+            {
+                let mut sample = Sample {
+                    out: &mut out,
+                    name,
+                    account,
+                    kind: kind.as_str(),
+                };
+                write(&mut sample, series);
+                self.next += 1;
+            }
+            if self.next == self.destinations.len() {
+                self.family += 1;
+                self.next = 0;
+            }
+        }
+        Some(out)
     }
 }
 
@@ -282,6 +323,41 @@ impl Sample<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scrape_of_thousands_of_destinations_comes_in_bounded_pieces() {
+        let d = Destinations::default();
+        for i in 0..3000 {
+            let account = format!("acct-{i:04}");
+            for kind in [RecordType::Company, RecordType::Contact] {
+                d.with(&account, kind, |s| {
+                    s.consumed.fetch_add(1, Relaxed);
+                    s.batch_size.observe(7.0);
+                    s.duration.observe(0.01);
+                });
+            }
+        }
+        let pieces: Vec<String> = d.chunks().collect();
+        let text = pieces.concat();
+        assert!(text.len() > 20 * CHUNK, "{} bytes", text.len());
+        // One destination's samples of one family is at most a few KiB past the mark.
+        assert!(pieces.iter().all(|p| p.len() < CHUNK + 4 * 1024));
+        assert!(pieces.len() > 20);
+        for (name, ..) in FAMILIES {
+            assert!(
+                text.matches(&format!("# TYPE {name} ")).count() <= 1,
+                "{name} declared twice"
+            );
+        }
+        assert_eq!(
+            text.matches("courier_events_consumed_total{").count(),
+            6000,
+            "every destination once"
+        );
+        assert!(
+            text.contains("courier_batch_size_count{account=\"acct-2999\",type=\"contact\"} 1")
+        );
+    }
 
     #[test]
     fn histograms_render_cumulative_buckets_sum_and_count() {
