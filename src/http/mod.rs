@@ -92,6 +92,27 @@ pub fn encode_body(batch_size: usize, events: &[&Bytes]) -> Bytes {
     Bytes::from(body)
 }
 
+/// [`encode_body`], after which each event's bytes point into the body instead of a
+/// copy of their own: a batch in flight or waiting holds its events once, not twice
+/// (docs/design.md, "Memory"). The body lives until the last of its events is settled.
+pub fn encode_body_shared(batch_size: usize, mut events: Vec<&mut Bytes>) -> Bytes {
+    let body = encode_body(batch_size, &events.iter().map(|e| &**e).collect::<Vec<_>>());
+    if let [single] = events.as_slice()
+        && batch_size == 1
+    {
+        debug_assert_eq!(single.as_ptr(), body.as_ptr(), "the event is the body");
+        return body;
+    }
+    let mut at = 1; // past `[`
+    for event in &mut events {
+        let len = event.len();
+        debug_assert_eq!(&body[at..at + len], &event[..]);
+        **event = body.slice(at..at + len);
+        at += len + 1; // and the `,` or `]` after it
+    }
+    body
+}
+
 /// One request to send.
 pub struct Request<'a> {
     pub account: &'a Account,
@@ -301,6 +322,28 @@ fn describe(error: &reqwest::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_events_point_into_the_body_with_their_own_bytes() {
+        let originals: Vec<Bytes> = [&b"{\"a\":1}"[..], b"{\"b\":\"\xc3\xa9\"}", b" {}"]
+            .iter()
+            .map(|e| Bytes::copy_from_slice(e))
+            .collect();
+        for (batch_size, n) in [(200, 3), (200, 1), (1, 1)] {
+            let mut events = originals[..n].to_vec();
+            let body = encode_body_shared(batch_size, events.iter_mut().collect());
+            let expected = encode_body(batch_size, &originals[..n].iter().collect::<Vec<_>>());
+            assert_eq!(body, expected, "batch {batch_size}, {n} events");
+            let range = body.as_ptr_range();
+            for (event, original) in events.iter().zip(&originals) {
+                assert_eq!(event, original);
+                assert!(
+                    range.contains(&event.as_ptr()),
+                    "batch {batch_size}: the event is not a slice of the body"
+                );
+            }
+        }
+    }
 
     #[test]
     fn classification_table() {

@@ -26,7 +26,7 @@ use super::warnings::DeadLetterLog;
 use crate::circuit::{Admission, Breakers};
 use crate::config::{Account, CircuitSettings, Settings, redact_url};
 use crate::event::RecordType;
-use crate::http::{Outcome, Request, encode_body};
+use crate::http::{Outcome, Request, encode_body_shared};
 use crate::metrics::{Metrics, RequestOutcome};
 use crate::sign;
 
@@ -109,16 +109,23 @@ pub fn spawn(cx: &Arc<Context>, batch: Batch) {
 }
 
 /// Delivers one batch: immediate attempts with backoff, then settlement.
-async fn deliver(cx: Arc<Context>, batch: Batch) {
+async fn deliver(cx: Arc<Context>, mut batch: Batch) {
     let key: Key = (batch.account.id.clone(), batch.kind);
     let url = batch
         .account
         .url(batch.kind)
         .expect("only routable events are batched");
     let destination = redact_url(url);
-    // Encoded and signed once the first request slots are taken: a batch that waits for
-    // them holds its events once, not twice (docs/design.md, "Memory").
-    let mut signed: Option<Signed> = None;
+    // The events then point into the body: a batch holds its events once.
+    let body = encode_body_shared(
+        batch.limits.batch_size,
+        batch.items.iter_mut().map(|p| &mut p.body).collect(),
+    );
+    let signature = batch
+        .account
+        .hmac_secret
+        .as_ref()
+        .map(|s| sign::signature(s.expose_secret().as_bytes(), &body));
     let delivery_id = sign::delivery_id(batch.items.iter().map(|p| p.id.as_str()));
     let live = batch.live.clone();
     let retry = &live.settings.retry;
@@ -127,14 +134,18 @@ async fn deliver(cx: Arc<Context>, batch: Batch) {
     let hold_deadline = held_since.unwrap_or_else(Instant::now) + MAX_HOLD;
     let mut attempt = 1;
     loop {
-        let target = Target {
+        let request = Request {
+            account: &batch.account,
             url,
+            body: body.clone(),
+            signature: signature.as_deref(),
             delivery_id: &delivery_id,
             attempt,
-            hold_deadline,
-            destination: &destination,
+            event_count: batch.items.len(),
         };
-        let attempted = cx.attempt(&batch, &key, &live, &mut signed, target).await;
+        let attempted = cx
+            .attempt(&batch, &key, &live, request, hold_deadline, &destination)
+            .await;
         let progress = Progress {
             attempt,
             events: batch.items.len(),
@@ -158,38 +169,6 @@ async fn deliver(cx: Arc<Context>, batch: Batch) {
     }
 }
 
-/// A batch's request body and its signature, made once for all its attempts.
-struct Signed {
-    body: bytes::Bytes,
-    signature: Option<String>,
-}
-
-impl Signed {
-    fn of(batch: &Batch) -> Self {
-        let body = encode_body(
-            batch.limits.batch_size,
-            &batch.items.iter().map(|p| &p.body).collect::<Vec<_>>(),
-        );
-        let signature = batch
-            .account
-            .hmac_secret
-            .as_ref()
-            .map(|s| sign::signature(s.expose_secret().as_bytes(), &body));
-        Self { body, signature }
-    }
-}
-
-/// Where and how one attempt goes.
-struct Target<'a> {
-    url: &'a url::Url,
-    delivery_id: &'a str,
-    attempt: u32,
-    /// The slots are awaited until then at most.
-    hold_deadline: Instant,
-    /// The URL as logs and dead letters show it.
-    destination: &'a str,
-}
-
 impl Context {
     /// One try: the request slots (waiting at most until `hold_deadline`, so no message
     /// nears the broker's consumer_timeout), the circuit's admission, the request.
@@ -200,16 +179,10 @@ impl Context {
         batch: &Batch,
         key: &Key,
         live: &Live,
-        signed: &mut Option<Signed>,
-        target: Target<'_>,
+        request: Request<'_>,
+        hold_deadline: Instant,
+        destination: &str,
     ) -> Attempted {
-        let Target {
-            url,
-            delivery_id,
-            attempt,
-            hold_deadline,
-            destination,
-        } = target;
         let slots = tokio::time::timeout_at(hold_deadline, async {
             let slot = batch.destination.clone().acquire_owned().await;
             let permit = live.requests.clone().acquire_owned().await;
@@ -229,16 +202,6 @@ impl Context {
                 .last_cause(key);
             return Attempted::CircuitOpen { cause };
         }
-        let signed = signed.get_or_insert_with(|| Signed::of(batch));
-        let request = Request {
-            account: &batch.account,
-            url,
-            body: signed.body.clone(),
-            signature: signed.signature.as_deref(),
-            delivery_id,
-            attempt,
-            event_count: batch.items.len(),
-        };
         let probe = ProbeGuard::new(&self.shared, key, admission);
         let outcome = self.send(live, request, key, destination).await;
         if self.shared.is_current(key, &live.settings) {
