@@ -141,10 +141,16 @@ impl Destinations {
     /// The same text in pieces of about [`CHUNK`] bytes, each written when it is taken:
     /// a scrape of thousands of destinations (megabytes of text) never holds all of it.
     pub(super) fn chunks(&self) -> Chunks {
+        self.chunks_of(CHUNK)
+    }
+
+    fn chunks_of(&self, size: usize) -> Chunks {
         Chunks {
             destinations: self.snapshot(),
+            size,
             family: 0,
             next: 0,
+            headed: false,
         }
     }
 
@@ -178,10 +184,14 @@ pub(super) const CHUNK: usize = 64 * 1024;
 /// The families' text, family by family and destination by destination.
 pub(super) struct Chunks {
     destinations: Vec<(Box<str>, RecordType, Arc<Series>)>,
+    /// A piece is handed out once it holds this many bytes.
+    size: usize,
     /// The family being written, an index into [`FAMILIES`].
     family: usize,
     /// Its next destination.
     next: usize,
+    /// Its `# HELP` and `# TYPE` lines are written.
+    headed: bool,
 }
 
 impl Iterator for Chunks {
@@ -191,13 +201,14 @@ impl Iterator for Chunks {
         if self.family == FAMILIES.len() {
             return None;
         }
-        let mut out = String::with_capacity(CHUNK + 4 * 1024);
-        while out.len() < CHUNK && self.family < FAMILIES.len() {
+        let mut out = String::with_capacity(self.size.min(CHUNK) + 4 * 1024);
+        while out.len() < self.size && self.family < FAMILIES.len() {
             let (name, kind, help, write) = FAMILIES[self.family];
-            if self.next == 0 {
+            if !self.headed {
                 let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+                self.headed = true;
             }
-            while out.len() < CHUNK
+            while out.len() < self.size
                 && let Some((account, kind, series)) = self.destinations.get(self.next)
             {
                 let mut sample = Sample {
@@ -212,6 +223,7 @@ impl Iterator for Chunks {
             if self.next == self.destinations.len() {
                 self.family += 1;
                 self.next = 0;
+                self.headed = false;
             }
         }
         Some(out)
@@ -323,6 +335,27 @@ impl Sample<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pieces_of_any_size_join_into_the_same_text() {
+        let d = Destinations::default();
+        for i in 0..7 {
+            let account = format!("a{i}");
+            d.with(&account, RecordType::Company, |s| {
+                s.consumed.fetch_add(i, Relaxed);
+                s.batch_size.observe(3.0);
+            });
+        }
+        let whole: String = d.chunks_of(usize::MAX).collect();
+        assert_eq!(whole.matches("# TYPE ").count(), FAMILIES.len());
+        // Every size ends pieces at every kind of place: inside a family, right after a
+        // family's last destination, right after a header.
+        for size in 1..=whole.len() + 1 {
+            // No piece is empty, so there are at most as many as bytes.
+            let joined: String = d.chunks_of(size).take(whole.len() + 1).collect();
+            assert_eq!(joined, whole, "pieces of {size} bytes");
+        }
+    }
 
     #[test]
     fn a_scrape_of_thousands_of_destinations_comes_in_bounded_pieces() {
