@@ -4,6 +4,7 @@
 
 pub mod guard;
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -73,20 +74,20 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 
 /// The request body of a batch: the event itself for `batch_size = 1` (shared, not
 /// copied), else a JSON array of the events as published, joined without whitespace.
-pub fn encode_body(batch_size: usize, events: &[&Bytes]) -> Bytes {
+pub fn encode_body<E: Borrow<Bytes>>(batch_size: usize, events: &[E]) -> Bytes {
     if let [single] = events
         && batch_size == 1
     {
-        return Bytes::clone(single);
+        return Bytes::clone(single.borrow());
     }
-    let total: usize = events.iter().map(|e| e.len()).sum::<usize>() + events.len() + 1;
+    let total: usize = events.iter().map(|e| e.borrow().len()).sum::<usize>() + events.len() + 1;
     let mut body = Vec::with_capacity(total.max(2));
     body.push(b'[');
     for (i, event) in events.iter().enumerate() {
         if i > 0 {
             body.push(b',');
         }
-        body.extend_from_slice(event);
+        body.extend_from_slice(event.borrow());
     }
     body.push(b']');
     Bytes::from(body)
@@ -96,7 +97,7 @@ pub fn encode_body(batch_size: usize, events: &[&Bytes]) -> Bytes {
 /// copy of their own: a batch in flight or waiting holds its events once, not twice
 /// (docs/design.md, "Memory"). The body lives until the last of its events is settled.
 pub fn encode_body_shared(batch_size: usize, mut events: Vec<&mut Bytes>) -> Bytes {
-    let body = encode_body(batch_size, &events.iter().map(|e| &**e).collect::<Vec<_>>());
+    let body = encode_body(batch_size, &events);
     if let [single] = events.as_slice()
         && batch_size == 1
     {
@@ -332,7 +333,7 @@ mod tests {
         for (batch_size, n) in [(200, 3), (200, 1), (1, 1)] {
             let mut events = originals[..n].to_vec();
             let body = encode_body_shared(batch_size, events.iter_mut().collect());
-            let expected = encode_body(batch_size, &originals[..n].iter().collect::<Vec<_>>());
+            let expected = encode_body(batch_size, &originals[..n]);
             assert_eq!(body, expected, "batch {batch_size}, {n} events");
             let range = body.as_ptr_range();
             for (event, original) in events.iter().zip(&originals) {

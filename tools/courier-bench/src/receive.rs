@@ -267,7 +267,7 @@ fn summary(rx: &Receiver, complete: bool) -> Value {
         "sig_failures": s.sig_failures,
         "retried_requests": s.retried_requests,
         "elapsed_s": elapsed,
-        "events_per_s": per_s(s.distinct + s.untracked),
+        "events_per_s": per_s(total),
         "requests_per_s": per_s(s.requests),
         "steady_events_per_s": if steady_s > 0.0 { steady_events as f64 / steady_s } else { 0.0 },
         "events_after_quiet": total - steady_events,
