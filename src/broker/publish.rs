@@ -88,7 +88,8 @@ pub struct Publisher {
     /// Held by the one publish that reconnects; it keeps the failure of the last attempt
     /// for the publishes that waited on it.
     reconnecting: tokio::sync::Mutex<Option<String>>,
-    /// Reconnects attempted so far.
+    /// Connections opened or tried so far; changed only by the holder of `reconnecting`,
+    /// once its attempt has ended.
     attempts: AtomicU64,
 }
 
@@ -126,23 +127,29 @@ impl Publisher {
     /// failed on (`failed`), else a new one. Publishes that need a new link at the same
     /// time share one reconnect and its outcome.
     async fn link(&self, failed: Option<u64>) -> Result<Arc<Link>, BrokerError> {
+        let fits = |link: &Link| link.usable() && Some(link.generation) != failed;
         let seen = self.attempts.load(Ordering::SeqCst);
         if let Some(link) = self.current()
-            && link.usable()
-            && Some(link.generation) != failed
+            && fits(&link)
         {
             return Ok(link);
         }
         let mut last_failure = self.reconnecting.lock().await;
+        // Another publish may have reconnected while this one waited for the lock: its
+        // link serves this one too (reconnecting again would close it under the publishes
+        // already written on it), and its failure is this one's.
+        if let Some(link) = self.current()
+            && fits(&link)
+        {
+            return Ok(link);
+        }
         if self.attempts.load(Ordering::SeqCst) != seen {
-            // Another publish reconnected while this one waited.
-            return match (self.current(), last_failure.as_ref()) {
-                (Some(link), _) if link.usable() => Ok(link),
-                (_, failure) => Err(BrokerError::Connect {
-                    nodes: self.nodes(),
-                    last: failure.cloned().unwrap_or_else(|| "connection lost".into()),
-                }),
-            };
+            return Err(BrokerError::Connect {
+                nodes: self.nodes(),
+                last: last_failure
+                    .clone()
+                    .unwrap_or_else(|| "connection lost".into()),
+            });
         }
         let old = self.link.lock().expect("publisher link").take();
         if let Some(old) = old {
@@ -153,18 +160,25 @@ impl Publisher {
             )
             .await;
         }
-        let generation = self.attempts.fetch_add(1, Ordering::SeqCst) + 1;
-        match self.open(generation).await {
+        // Only the holder of `reconnecting` changes `attempts`, and only once the attempt
+        // has ended: a publish that read it before then finds it changed and takes this
+        // attempt's outcome instead of making another.
+        let generation = seen + 1;
+        let opened = self.open(generation).await;
+        match &opened {
             Ok(link) => {
                 *last_failure = None;
                 *self.link.lock().expect("publisher link") = Some(link.clone());
-                Ok(link)
             }
-            Err(e) => {
-                *last_failure = Some(e.to_string());
-                Err(e)
-            }
+            Err(e) => *last_failure = Some(e.to_string()),
         }
+        self.attempts.store(generation, Ordering::SeqCst);
+        opened
+    }
+
+    /// Connections opened or tried so far, the first one included.
+    pub fn connects(&self) -> u64 {
+        self.attempts.load(Ordering::SeqCst)
     }
 
     async fn open(&self, generation: u64) -> Result<Arc<Link>, BrokerError> {

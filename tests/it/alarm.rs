@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use courier::broker::{PublishError, Publisher};
+use courier::broker::PublishError;
 use courier::config::Settings;
 use futures_util::future::join_all;
 use lapin::BasicProperties;
@@ -203,13 +203,7 @@ async fn a_publish_to_a_blocked_broker_ends_by_its_deadline_and_reconnects_once(
         ..Default::default()
     };
     let (settings, _) = node.settings(&names, &spec);
-    courier::broker::ensure_topology(&settings.broker, &settings.retry.schedule, "test setup")
-        .await
-        .expect("declaring the topology");
-    let name = format!("test publisher {}", names.prefix);
-    let publisher = Publisher::connect(&settings.broker.urls, &name)
-        .await
-        .expect("publisher");
+    let (publisher, name) = topology_and_publisher(&settings, &names).await;
     let queue = names.deliver();
     // Bodies of 1 MiB: the socket's buffers fill, so the write itself waits for the
     // broker (a small body would be written and only its confirm would wait).
@@ -257,10 +251,12 @@ async fn a_publish_to_a_blocked_broker_ends_by_its_deadline_and_reconnects_once(
 
     // The broker closes the connection: the publishes that find it broken share one
     // reconnect.
+    let connects = publisher.connects();
     let old = close_named(Some(&node.name), &name).await;
     assert_eq!(old.len(), 1, "one publisher connection named {name}");
     let again = join_all((0..10).map(|i| publish(format!("r{i}"), Duration::from_secs(20)))).await;
     assert!(again.iter().all(Result::is_ok), "{again:?}");
+    assert_eq!(publisher.connects(), connects + 1, "one reconnect for all");
     let now = connections_named(Some(&node.name), &name).await;
     assert_eq!(
         now.len(),

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use futures_util::future::join_all;
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use tokio::time::Instant;
@@ -218,6 +219,46 @@ async fn the_publisher_reconnects_after_the_broker_closed_its_connection() {
     assert_eq!(count_of(&requested, "rt-1"), 1, "{requested:?}");
     worker.shutdown().await;
     assert_eq!(ready(&broker, &names.deliver()).await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_that_meet_a_reconnect_share_it_and_land_once() {
+    let (names, broker) = on_broker().await;
+    let spec = ConfigSpec {
+        accounts: account("acme", "http://127.0.0.1:9/hook", 1),
+        ..Default::default()
+    };
+    let settings = settings(&names, &spec);
+    let (publisher, name) = topology_and_publisher(&settings, &names).await;
+    assert_eq!(publisher.connects(), 1);
+    let old = close_named(None, &name).await;
+    assert_eq!(old.len(), 1, "one publisher connection named {name}");
+    // One publish starts every millisecond: some find the connection broken, some come
+    // while the reconnect is under way, some after it. None may open a connection of its
+    // own, which would close the new one under the publishes written on it.
+    let queue = names.dead();
+    let n = 60;
+    let published = join_all((0..n).map(|i| {
+        let (publisher, queue) = (&publisher, &queue);
+        async move {
+            tokio::time::sleep(Duration::from_millis(i)).await;
+            let body = event(&format!("p-{i}"), "acme", "company");
+            let properties = lapin::BasicProperties::default().with_delivery_mode(2);
+            publisher.publish("", queue, &body, properties).await
+        }
+    }))
+    .await;
+    assert!(published.iter().all(Result::is_ok), "{published:?}");
+    assert_eq!(publisher.connects(), 2, "one reconnect for every publish");
+    let landed = take_ids(&broker, &queue, n as u32).await;
+    assert_eq!(
+        landed.len(),
+        n as usize,
+        "each publish landed once: {landed:?}"
+    );
+    let expected: HashSet<String> = (0..n).map(|i| format!("p-{i}")).collect();
+    assert_eq!(landed.into_iter().collect::<HashSet<_>>(), expected);
+    publisher.close().await;
 }
 
 #[tokio::test]

@@ -322,3 +322,19 @@ pub fn header_str(headers: &FieldTable, name: &str) -> Option<String> {
         other => Some(format!("{other:?}")),
     }
 }
+
+/// Declares the topology `settings` name and opens a publisher named
+/// `test publisher <prefix>` on its broker; returns it with its connection name.
+pub async fn topology_and_publisher(
+    settings: &courier::config::Settings,
+    names: &Names,
+) -> (courier::broker::Publisher, String) {
+    courier::broker::ensure_topology(&settings.broker, &settings.retry.schedule, "test setup")
+        .await
+        .expect("declaring the topology");
+    let name = format!("test publisher {}", names.prefix);
+    let publisher = courier::broker::Publisher::connect(&settings.broker.urls, &name)
+        .await
+        .expect("publisher");
+    (publisher, name)
+}
