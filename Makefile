@@ -39,8 +39,15 @@ run: ensure-rabbitmq build
 	@bash scripts/run-local.sh
 
 # nextest stops any one test after 2 min (.config/nextest.toml). cargo test has no
-# per-test limit: the whole run, built first, gets TEST_TIMEOUT seconds.
+# per-test limit: each of its two passes, built first, gets TEST_TIMEOUT seconds.
 TEST_TIMEOUT ?= 900
+
+# The tests that start a private RabbitMQ node run one at a time (each boot takes a few
+# seconds of both cores): nextest's test group does it (.config/nextest.toml, keep the
+# two lists alike); without nextest they run in a second, serial pass.
+PRIVATE_NODE_TESTS := alarm:: restarts:: broker_tls:: \
+	paths::the_worker_moves_to_the_next_node_when_its_node_stops observe::prometheus_proof
+PRIVATE_NODE_SKIP := $(addprefix --skip ,$(PRIVATE_NODE_TESTS))
 
 # The cluster tests boot three RabbitMQ nodes each (about two minutes together): they
 # run in `make test-cluster`, not in `make test`.
@@ -50,8 +57,11 @@ test: ensure-rabbitmq ensure-test-tools
 		$(CARGO) nextest run --workspace --no-fail-fast --test-threads $(TEST_THREADS) -E 'not test(/^cluster::/)'; \
 	else \
 		$(CARGO) test --workspace --no-run && \
-		echo "+ timeout $(TEST_TIMEOUT) $(CARGO) test --workspace --no-fail-fast -- --test-threads $(TEST_THREADS) --skip cluster::" && \
-		timeout --kill-after=30 $(TEST_TIMEOUT) $(CARGO) test --workspace --no-fail-fast -- --test-threads $(TEST_THREADS) --skip cluster::; \
+		echo "+ timeout $(TEST_TIMEOUT) $(CARGO) test --workspace --no-fail-fast -- --test-threads $(TEST_THREADS) --skip cluster:: $(PRIVATE_NODE_SKIP)" && \
+		{ timeout --kill-after=30 $(TEST_TIMEOUT) $(CARGO) test --workspace --no-fail-fast -- --test-threads $(TEST_THREADS) --skip cluster:: $(PRIVATE_NODE_SKIP); failed=$$?; \
+		echo "+ timeout $(TEST_TIMEOUT) $(CARGO) test --test it -- --test-threads 1 $(PRIVATE_NODE_TESTS)"; \
+		timeout --kill-after=30 $(TEST_TIMEOUT) $(CARGO) test --test it -- --test-threads 1 $(PRIVATE_NODE_TESTS) || failed=1; \
+		exit $$failed; }; \
 	fi
 
 # Two courier replicas on a three-node cluster of the tests' own, a node stopped under
