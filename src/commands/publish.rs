@@ -21,8 +21,9 @@ const CONFIRM_WINDOW: usize = 512;
 
 /// Failed publishes in a row, without a confirm between them, that are tried again: a
 /// node that stops mid-run is left for the next node of `broker.url` and its queues'
-/// new leaders are waited for (about 12 s in all); a broker that stays away ends the run.
-const RETRIES: usize = 8;
+/// new leaders are waited for (about 30 s in all, docs/scaling.md); a broker that stays
+/// away ends the run.
+const RETRIES: usize = 17;
 const RETRY_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(2);
 
