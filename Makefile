@@ -2,7 +2,7 @@
 #
 #   make run              build, then run the local pipeline (scripts/run-local.sh)
 #   make test             run the test suite but the cluster tests (needs RabbitMQ on 127.0.0.1:5672)
-#   make test-cluster     only the three-node cluster failover tests (docs/scaling.md; ~2 min)
+#   make test-cluster     only the three-node cluster failover tests (docs/scaling.md; 3-5 min)
 #   make test-prometheus  only the dashboard/alerts proof against a real Prometheus (docs/operations.md)
 #   make dashboard-png    redraw docs/img/dashboard.png from the last proof's query_range results
 #   make check            rustfmt and clippy, warnings are errors (alias: lint)
@@ -49,7 +49,7 @@ PRIVATE_NODE_TESTS := alarm:: restarts:: broker_tls:: \
 	paths::the_worker_moves_to_the_next_node_when_its_node_stops observe::prometheus_proof
 PRIVATE_NODE_SKIP := $(addprefix --skip ,$(PRIVATE_NODE_TESTS))
 
-# The cluster tests boot three RabbitMQ nodes each (about two minutes together): they
+# The cluster tests boot three RabbitMQ nodes each (three to five minutes together): they
 # run in `make test-cluster`, not in `make test`.
 test: ensure-rabbitmq ensure-test-tools
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
