@@ -249,7 +249,7 @@ async fn publishes_that_meet_a_reconnect_share_it_and_land_once() {
     }))
     .await;
     assert!(published.iter().all(Result::is_ok), "{published:?}");
-    assert_eq!(publisher.connects(), 2, "one reconnect for every publish");
+    assert_eq!(publisher.connects(), 2, "one reconnect for all");
     let landed = take_ids(&broker, &queue, n as u32).await;
     assert_eq!(
         landed.len(),
